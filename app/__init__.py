@@ -1,0 +1,1 @@
+"""HTTP service: the Litestar app, its lifespan and the command line."""

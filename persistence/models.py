@@ -1,0 +1,181 @@
+"""SQLAlchemy models of every table; Alembic migrations are written against these.
+
+The runtime never calls ``create_all``: the schema comes from ``alembic/versions``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Sequence,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: One sequence for every raw table: ids then follow ingestion order across
+#: sources, which is the last tie-break of the winner rule.
+raw_record_seq = Sequence("raw_record_seq")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class _RawColumns:
+    """Columns shared by the raw tables: the record exactly as received."""
+
+    id: Mapped[int] = mapped_column(
+        BigInteger, raw_record_seq, server_default=raw_record_seq.next_value(), primary_key=True
+    )
+    source: Mapped[str] = mapped_column(Text)
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    content_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    payload: Mapped[Any] = mapped_column(JSONB)
+    ingested_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )
+
+
+class RawApiData(_RawColumns, Base):
+    __tablename__ = "raw_api_data"
+    __table_args__ = (UniqueConstraint("source", "content_hash"),)
+
+
+class RawCsvData(_RawColumns, Base):
+    __tablename__ = "raw_csv_data"
+    __table_args__ = (UniqueConstraint("source", "content_hash"),)
+
+
+class RawThirdSourceData(_RawColumns, Base):
+    __tablename__ = "raw_third_source_data"
+    __table_args__ = (UniqueConstraint("source", "content_hash"),)
+
+
+class UnifiedData(Base):
+    """One row per canonical name: the winner across sources."""
+
+    __tablename__ = "unified_data"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[float] = mapped_column(Double)
+    source: Mapped[str] = mapped_column(Text)
+    observed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Winner tie-breaks: smaller priority (earlier in the sources file) wins,
+    # then the later raw id.
+    priority: Mapped[int] = mapped_column(Integer)
+    raw_id: Mapped[int] = mapped_column(BigInteger)
+    source_record_id: Mapped[str | None] = mapped_column(Text)
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )
+
+    __table_args__ = (Index(None, "source", "name"),)
+
+
+class EtlCheckpoint(Base):
+    __tablename__ = "etl_checkpoint"
+
+    source: Mapped[str] = mapped_column(Text, primary_key=True)
+    cursor: Mapped[Any] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    schema: Mapped[Any] = mapped_column(JSONB, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )
+
+
+class EtlRun(Base):
+    __tablename__ = "etl_runs"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    trigger: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index(None, "started_at"), Index(None, "status"))
+
+
+class EtlRunSource(Base):
+    """Per-source counters of a run, updated in each batch's transaction."""
+
+    __tablename__ = "etl_run_sources"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("etl_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    source: Mapped[str] = mapped_column(Text, primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    status: Mapped[str] = mapped_column(Text)
+    fetched: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    raw_inserted: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    duplicates: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    rejected: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    unified_upserted: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    error: Mapped[str | None] = mapped_column(Text)
+    drift: Mapped[Any] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index(None, "source", "finished_at"),)
+
+
+class EtlRejection(Base):
+    """A raw record that failed validation, with the field and a readable reason."""
+
+    __tablename__ = "etl_rejections"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    source: Mapped[str] = mapped_column(Text)
+    raw_table: Mapped[str] = mapped_column(Text)
+    raw_id: Mapped[int] = mapped_column(BigInteger)
+    field: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )
+
+    __table_args__ = (Index(None, "run_id", "source"), Index(None, "source", "id"))
+
+
+class EtlDriftEvent(Base):
+    __tablename__ = "etl_drift_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    source: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text)
+    field: Mapped[str] = mapped_column(Text)
+    new_field: Mapped[str | None] = mapped_column(Text)
+    confidence: Mapped[float | None] = mapped_column(Double)
+    detail: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )
+
+    __table_args__ = (Index(None, "run_id", "source"),)

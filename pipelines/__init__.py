@@ -1,0 +1,1 @@
+"""Ingestion: sources, transformation, drift detection and the run loop."""

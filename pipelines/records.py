@@ -1,0 +1,58 @@
+"""What sources hand to the runner."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+
+# Keys sorted so that the same record always has the same bytes and hash.
+_encoder = msgspec.json.Encoder(order="sorted")
+
+
+@dataclass(slots=True)
+class RawRecord:
+    """One record exactly as received.
+
+    Attributes:
+        payload: the decoded record (for CSV, a header-to-string mapping).
+        data: ``payload`` as canonical JSON, stored as-is in the raw table.
+        content_hash: 16-byte digest of ``data``; raw rows are unique per source on it.
+    """
+
+    payload: Any
+    data: bytes
+    content_hash: bytes
+
+
+def make_record(payload: Any) -> RawRecord:
+    """Encode ``payload`` canonically and hash it."""
+    data = _encoder.encode(payload)
+    return RawRecord(payload, data, hashlib.blake2b(data, digest_size=16).digest())
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A slice of a source's stream; the runner writes each chunk in one transaction.
+
+    Attributes:
+        records: the records, in source order.
+        cursor: the checkpoint that is true once these records are committed.
+        final: the source has nothing more to give in this run.
+    """
+
+    records: list[RawRecord]
+    cursor: dict[str, Any]
+    final: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Reader(Protocol):
+    """A source: reads from the committed ``cursor`` on and yields chunks."""
+
+    def __call__(
+        self, cursor: Mapping[str, Any] | None, batch_size: int
+    ) -> AsyncIterator[Chunk]: ...

@@ -1,0 +1,263 @@
+"""Service settings, read once from the environment (and a ``.env`` file).
+
+Nothing here runs at import time: :func:`load_settings` is called by the entry
+points and the result is passed down.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pipelines.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SOURCES_FILE = REPO_ROOT / "sources.toml"
+DEFAULT_API_URL = "https://api.coinpaprika.com/v1/tickers"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of contract section 2, parsed and checked."""
+
+    database_url: str | None = None
+    """External PostgreSQL; ``None`` means the embedded server under ``data_dir``."""
+    database_read_url: str | None = None
+    """Optional replica for the read endpoints."""
+    data_dir: Path = Path(".data")
+    """Where the embedded database lives."""
+    api_keys: tuple[str, ...] = ()
+    """Inbound keys accepted in ``x-api-key``; empty means one is generated at start."""
+    app_env: str = "development"
+    """``production`` turns on the strict checks."""
+    sources_file: Path = DEFAULT_SOURCES_FILE
+    """The TOML file that declares the sources."""
+    api_source_url: str | None = None
+    """Overrides the location of the ``api`` source."""
+    api_source_key: str | None = None
+    """Upstream key for the ``api`` source, sent as ``Authorization``."""
+    csv_source_path: Path | None = None
+    """Overrides the location of the ``csv`` source."""
+    json_source_path: Path | None = None
+    """Overrides the location of the ``json`` source."""
+    etl_interval_seconds: float = 300.0
+    """Pause between runs of the ingestion loop; 0 means only the startup run."""
+    etl_on_startup: bool = True
+    """Run once as soon as the service starts."""
+    etl_fail_after_records: int | None = None
+    """Controlled failure after this many records read in a run (never in production)."""
+    etl_batch_size: int = 5000
+    """Records per batch (one transaction each)."""
+    etl_batch_seconds: float = 1.0
+    """A partial batch is flushed after this long."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_format: str = field(default_factory=lambda: "json" if not sys.stdout.isatty() else "console")
+    log_level: str = "info"
+
+    @property
+    def production(self) -> bool:
+        return self.app_env == "production"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a ``.env`` file: ``KEY=VALUE`` lines, ``#`` comments, optional quotes."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return values
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the .env file ({exc})") from exc
+    for raw_line in text.splitlines():
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key.strip()] = value
+    return values
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {env[name]!r}")
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if not value >= minimum or value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name}: must be a finite number >= {minimum:g}, got {raw!r}")
+    return value
+
+
+def _integer(env: Mapping[str, str], name: str, *, minimum: int) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {raw!r}")
+    return value
+
+
+def check_database_url(name: str, url: str) -> str:
+    """Refuse a URL that is not ``postgresql://…`` with a clear one-line message."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port raises on garbage
+    except ValueError as exc:
+        raise ConfigError(f"{name}: cannot parse {url!r} ({exc})") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"{name}: expected postgresql://user:pass@host:port/db, got scheme {parts.scheme!r}"
+        )
+    if not parts.hostname and "host=" not in parts.query:
+        raise ConfigError(f"{name}: no host in {url!r}")
+    return url
+
+
+def check_http_url(name: str, url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018
+    except ValueError as exc:
+        raise ConfigError(f"{name}: cannot parse {url!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name}: expected an http(s) URL, got {url!r}")
+    return url
+
+
+def _existing_file(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{name}: file not found: {raw}")
+    return path.resolve()
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, env_file: Path | None = Path(".env")
+) -> Settings:
+    """Build :class:`Settings` from the process environment and ``.env``.
+
+    Real environment variables win over the ``.env`` file.
+
+    Raises:
+        ConfigError: a setting is invalid; the message names it.
+    """
+    env: dict[str, str] = {}
+    if env_file is not None:
+        env.update(read_env_file(env_file))
+    env.update(os.environ if environ is None else environ)
+
+    app_env = env.get("APP_ENV", "").strip().lower() or "development"
+    if app_env not in ("development", "production", "test"):
+        raise ConfigError(f"APP_ENV: expected development or production, got {app_env!r}")
+    production = app_env == "production"
+
+    database_url = env.get("DATABASE_URL", "").strip() or None
+    if database_url:
+        check_database_url("DATABASE_URL", database_url)
+    read_url = env.get("DATABASE_READ_URL", "").strip() or None
+    if read_url:
+        check_database_url("DATABASE_READ_URL", read_url)
+
+    keys = tuple(k.strip() for k in env.get("API_KEY", "").split(",") if k.strip())
+    if production and not keys:
+        raise ConfigError("API_KEY: must be set when APP_ENV=production")
+
+    fail_after = _integer(env, "ETL_FAIL_AFTER_RECORDS", minimum=0)
+    if production and fail_after is not None:
+        raise ConfigError("ETL_FAIL_AFTER_RECORDS: not allowed when APP_ENV=production")
+
+    sources_raw = env.get("SOURCES_FILE", "").strip()
+    if sources_raw:
+        sources_file = Path(sources_raw).expanduser()
+        if not sources_file.is_file():
+            raise ConfigError(f"SOURCES_FILE: file not found: {sources_raw}")
+        sources_file = sources_file.resolve()
+    elif Path("sources.toml").is_file():
+        sources_file = Path("sources.toml").resolve()
+    else:
+        sources_file = DEFAULT_SOURCES_FILE
+
+    api_url = env.get("API_SOURCE_URL", "").strip() or None
+    if api_url:
+        check_http_url("API_SOURCE_URL", api_url)
+
+    port_raw = env.get("PORT", "").strip()
+    port = 8000
+    if port_raw:
+        try:
+            port = int(port_raw)
+        except ValueError:
+            raise ConfigError(f"PORT: expected a port number, got {port_raw!r}") from None
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"PORT: expected 0..65535, got {port_raw!r}")
+
+    log_format = env.get("LOG_FORMAT", "").strip().lower() or (
+        "console" if sys.stdout.isatty() else "json"
+    )
+    if log_format not in ("json", "console"):
+        raise ConfigError(f"LOG_FORMAT: expected json or console, got {log_format!r}")
+    log_level = env.get("LOG_LEVEL", "").strip().lower() or "info"
+    if log_level not in _LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL: expected one of {sorted(_LOG_LEVELS)}, got {log_level!r}")
+
+    batch_size = _integer(env, "ETL_BATCH_SIZE", minimum=1)
+
+    return Settings(
+        database_url=database_url,
+        database_read_url=read_url,
+        data_dir=Path(env.get("DATA_DIR", "").strip() or ".data").expanduser(),
+        api_keys=keys,
+        app_env=app_env,
+        sources_file=sources_file,
+        api_source_url=api_url,
+        api_source_key=env.get("API_SOURCE_KEY", "").strip() or None,
+        csv_source_path=_existing_file(env, "CSV_SOURCE_PATH"),
+        json_source_path=_existing_file(env, "JSON_SOURCE_PATH"),
+        etl_interval_seconds=_number(env, "ETL_INTERVAL_SECONDS", 300.0, minimum=0),
+        etl_on_startup=_bool(env, "ETL_ON_STARTUP", True),
+        etl_fail_after_records=fail_after,
+        etl_batch_size=batch_size if batch_size is not None else 5000,
+        etl_batch_seconds=_number(env, "ETL_BATCH_SECONDS", 1.0, minimum=0),
+        host=env.get("HOST", "").strip() or "127.0.0.1",
+        port=port,
+        log_format=log_format,
+        log_level=log_level,
+    )

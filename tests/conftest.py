@@ -1,0 +1,67 @@
+"""Shared fixtures: a real PostgreSQL (embedded by default, or TEST_DATABASE_URL).
+
+The schema is migrated once into a template database; each test gets a fresh
+copy (``CREATE DATABASE ... TEMPLATE``), so tests never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from persistence.database import create_pool, embedded_url, run_migrations, with_database
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+async def _admin(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """URL of the server's maintenance database."""
+    external = os.environ.get("TEST_DATABASE_URL", "").strip()
+    if external:
+        return external
+    data_dir = tmp_path_factory.mktemp("embedded-pg")
+    return embedded_url(data_dir, database="postgres")
+
+
+@pytest.fixture(scope="session")
+def template_database(server_url: str) -> Iterator[str]:
+    name = f"kasparro_tpl_{os.getpid()}"
+    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"'))
+    run_migrations(with_database(server_url, name))
+    yield name
+    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def database_url(server_url: str, template_database: str) -> Iterator[str]:
+    """A freshly migrated, empty database for one test."""
+    name = f"kasparro_t_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
+    yield with_database(server_url, name)
+    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool[Any]]:
+    p = await create_pool(database_url, min_size=1, max_size=10)
+    try:
+        yield p
+    finally:
+        await p.close()
