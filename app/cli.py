@@ -42,8 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     etl = commands.add_parser("etl", help="ETL commands")
     etl_commands = etl.add_subparsers(dest="etl_command", required=True, parser_class=_Parser)
     run = etl_commands.add_parser("run", help="one ETL run now")
-    run.add_argument("--source", action="append", default=[], metavar="NAME",
-                     help="only this source (repeatable)")
+    run.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only this source (repeatable)",
+    )
     run.add_argument("--json", action="store_true", help="print the run object as one JSON line")
     reset = etl_commands.add_parser("reset", help="forget a source's checkpoint")
     reset.add_argument("--source", required=True, metavar="NAME")
@@ -63,7 +68,9 @@ def _progress_printer(enabled: bool) -> Any:
 
     def show(source: str, counts: BatchCounts) -> None:
         totals[source] = counts
-        line = "  ".join(f"{name}: {c.fetched} read, {c.raw_inserted} new" for name, c in totals.items())
+        line = "  ".join(
+            f"{name}: {c.fetched} read, {c.raw_inserted} new" for name, c in totals.items()
+        )
         sys.stderr.write(f"\r{line}\033[K")
         sys.stderr.flush()
 
@@ -116,8 +123,10 @@ async def _etl_reset(settings: Settings, name: str) -> int:
         existed = await reset_checkpoint(pool, name)
     finally:
         await pool.close()
-    print(f"{name}: checkpoint {'forgotten' if existed else 'was not set'}; "
-          "the next run reads it from the start")
+    print(
+        f"{name}: checkpoint {'forgotten' if existed else 'was not set'}; "
+        "the next run reads it from the start"
+    )
     return EXIT_OK
 
 
@@ -141,8 +150,10 @@ async def _etl_reprocess(settings: Settings) -> int:
         await pool.close()
     if interactive:
         sys.stderr.write("\n")
-    print(f"unified_data rebuilt from raw: {total} rows "
-          f"({', '.join(f'{k}: {v} written' for k, v in written.items())})")
+    print(
+        f"unified_data rebuilt from raw: {total} rows "
+        f"({', '.join(f'{k}: {v} written' for k, v in written.items())})"
+    )
     return EXIT_OK
 
 
@@ -150,8 +161,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
         from app.server import run_server
 
-        return run_server(settings, args.host or settings.host,
-                          args.port if args.port is not None else settings.port)
+        port = args.port if args.port is not None else settings.port
+        return int(run_server(settings, args.host or settings.host, port))
     if args.command == "db":
         url = resolve_database_url(settings)
         if args.db_command == "url":

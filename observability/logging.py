@@ -9,7 +9,9 @@ from typing import Any, TextIO
 import structlog
 
 
-def configure_logging(log_format: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+def configure_logging(
+    log_format: str = "json", level: str = "info", stream: TextIO | None = None
+) -> None:
     """Configure structlog and the standard library's root logger once per process.
 
     Every line carries ``timestamp`` (ISO 8601 UTC), ``level`` and ``event``, plus

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 import msgspec
 
+from persistence.types import Conn, Queryable
 from pipelines.records import RawRecord
 
 _json = msgspec.json.Encoder()
@@ -141,7 +141,7 @@ def winners(rows: Sequence[UnifiedRow]) -> list[UnifiedRow]:
 
 
 async def insert_raw(
-    conn: asyncpg.Connection[Any],
+    conn: Conn,
     table: str,
     source: str,
     run_id: uuid.UUID,
@@ -163,7 +163,7 @@ async def insert_raw(
 
 
 async def upsert_unified(
-    conn: asyncpg.Connection[Any],
+    conn: Conn,
     rows: Sequence[UnifiedRow],
     *,
     source: str,
@@ -189,7 +189,7 @@ async def upsert_unified(
 
 
 async def insert_rejections(
-    conn: asyncpg.Connection[Any],
+    conn: Conn,
     rows: Sequence[RejectedRow],
     *,
     run_id: uuid.UUID,
@@ -209,7 +209,7 @@ async def insert_rejections(
 
 
 async def save_checkpoint(
-    conn: asyncpg.Connection[Any],
+    conn: Conn,
     source: str,
     cursor: dict[str, Any],
     schema: dict[str, str] | None,
@@ -222,9 +222,7 @@ async def save_checkpoint(
     )
 
 
-async def add_counts(
-    conn: asyncpg.Connection[Any], run_id: uuid.UUID, source: str, counts: BatchCounts
-) -> None:
+async def add_counts(conn: Conn, run_id: uuid.UUID, source: str, counts: BatchCounts) -> None:
     await conn.execute(
         ADD_COUNTS,
         run_id,
@@ -238,7 +236,7 @@ async def add_counts(
 
 
 async def insert_drift(
-    conn: asyncpg.Connection[Any],
+    conn: Conn,
     run_id: uuid.UUID,
     source: str,
     events: Sequence[dict[str, Any]],
@@ -256,11 +254,13 @@ async def insert_drift(
         )
 
 
-LOAD_CHECKPOINTS = "SELECT source, cursor, schema FROM etl_checkpoint WHERE source = ANY($1::text[])"
+LOAD_CHECKPOINTS = (
+    "SELECT source, cursor, schema FROM etl_checkpoint WHERE source = ANY($1::text[])"
+)
 
 
 async def load_checkpoints(
-    conn: asyncpg.Connection[Any] | asyncpg.Pool[Any], sources: Sequence[str]
+    conn: Queryable, sources: Sequence[str]
 ) -> dict[str, tuple[dict[str, Any], dict[str, str] | None]]:
     """Committed cursor and last seen schema of each source."""
     found: dict[str, tuple[dict[str, Any], dict[str, str] | None]] = {}
@@ -271,7 +271,7 @@ async def load_checkpoints(
     return found
 
 
-async def reset_checkpoint(conn: asyncpg.Connection[Any] | asyncpg.Pool[Any], source: str) -> bool:
+async def reset_checkpoint(conn: Queryable, source: str) -> bool:
     """Forget a source's cursor (its last seen schema too); True when one existed."""
     result: str = await conn.execute("DELETE FROM etl_checkpoint WHERE source = $1", source)
     return result.endswith(" 1")

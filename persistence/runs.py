@@ -10,6 +10,8 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from persistence.types import Conn, Queryable
+
 RUN_STATUSES = ("running", "success", "partial", "failed")
 
 
@@ -43,9 +45,7 @@ FROM unnest($2::text[]) WITH ORDINALITY AS s(source, position)
 """
 
 
-async def open_run(
-    conn: asyncpg.Connection[Any], run_id: uuid.UUID, trigger: str, sources: Sequence[str]
-) -> datetime:
+async def open_run(conn: Conn, run_id: uuid.UUID, trigger: str, sources: Sequence[str]) -> datetime:
     started = datetime.now(UTC)
     async with conn.transaction():
         await conn.execute(_INSERT_RUN, run_id, trigger, started)
@@ -60,7 +60,7 @@ WHERE run_id = $1 AND source = $2
 
 
 async def finish_source(
-    conn: asyncpg.Connection[Any],
+    conn: Conn,
     run_id: uuid.UUID,
     source: str,
     status: str,
@@ -78,7 +78,7 @@ UPDATE etl_runs SET status = $2, finished_at = $3, error = $4 WHERE id = $1
 
 
 async def finish_run(
-    conn: asyncpg.Connection[Any], run_id: uuid.UUID, status: str, error: str | None = None
+    conn: Conn, run_id: uuid.UUID, status: str, error: str | None = None
 ) -> datetime:
     finished = datetime.now(UTC)
     await conn.execute(_FINISH_RUN, run_id, status, finished, error)
@@ -98,7 +98,7 @@ WHERE run_id IN (SELECT id FROM closed) AND status = 'running'
 """
 
 
-async def close_interrupted_runs(conn: asyncpg.Connection[Any]) -> list[uuid.UUID]:
+async def close_interrupted_runs(conn: Conn) -> list[uuid.UUID]:
     """Close runs left ``running`` by a process that is gone.
 
     A live run holds its advisory lock; when we can take it, the owner died.
@@ -153,18 +153,18 @@ def _run_object(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-async def get_run(conn: asyncpg.Pool[Any] | asyncpg.Connection[Any], run_id: uuid.UUID) -> dict[str, Any] | None:
+async def get_run(conn: Queryable, run_id: uuid.UUID) -> dict[str, Any] | None:
     """The run object of contract section 3, or ``None``."""
     row = await conn.fetchrow(_GET_RUN, run_id)
     return None if row is None else _run_object(row)
 
 
-async def list_runs(conn: asyncpg.Pool[Any] | asyncpg.Connection[Any], limit: int) -> list[dict[str, Any]]:
+async def list_runs(conn: Queryable, limit: int) -> list[dict[str, Any]]:
     """Newest first."""
     return [_run_object(row) for row in await conn.fetch(_LIST_RUNS, limit)]
 
 
-async def last_run_status(conn: asyncpg.Pool[Any] | asyncpg.Connection[Any]) -> str:
+async def last_run_status(conn: Queryable) -> str:
     """Status of the newest run, or ``never``."""
     status: str | None = await conn.fetchval(
         "SELECT status FROM etl_runs ORDER BY started_at DESC LIMIT 1"

@@ -9,6 +9,7 @@ import asyncpg
 import msgspec
 
 from persistence import batches, runs
+from persistence.types import Conn
 from pipelines.config import SourceConfig
 from pipelines.drift import detect_drift
 from pipelines.runner import plan_rows
@@ -51,7 +52,12 @@ async def reprocess(
             cursor = conn.cursor(_raw_rows_sql(source.raw_table), source.name, prefetch=batch_size)
             async for record in cursor:
                 rows.append(
-                    (record["id"], _decoder.decode(record["payload"]), record["ingested_at"], record["run_id"])
+                    (
+                        record["id"],
+                        _decoder.decode(record["payload"]),
+                        record["ingested_at"],
+                        record["run_id"],
+                    )
                 )
                 if len(rows) >= batch_size:
                     total += await _apply(conn, source, rows, schema, mapping)
@@ -67,7 +73,7 @@ async def reprocess(
 
 
 async def _apply(
-    conn: asyncpg.Connection[Any],
+    conn: Conn,
     source: SourceConfig,
     rows: list[tuple[int, Any, Any, Any]],
     schema: dict[str, str] | None,

@@ -215,9 +215,7 @@ class Runner:
         self, run_id: uuid.UUID, sources: Sequence[SourceConfig], log_: Any
     ) -> list[_SourceState]:
         committed = await batches.load_checkpoints(self.pool, [s.name for s in sources])
-        states = [
-            _SourceState(s, *committed.get(s.name, ({}, None))) for s in sources
-        ]
+        states = [_SourceState(s, *committed.get(s.name, ({}, None))) for s in sources]
         queue: asyncio.Queue[tuple[_SourceState, Chunk | _End]] = asyncio.Queue(QUEUE_CHUNKS)
         batch_size = self._batch_size()
         http_session = await self._http_session(sources)
@@ -342,7 +340,7 @@ class Runner:
         source = state.config
         payloads = [r.payload for r in chunk.records]
         outcome = detect_drift(source, payloads, state.schema)
-        new_events = []
+        new_events: list[dict[str, Any]] = []
         for event in outcome.events:
             key = (event.kind, event.field, event.new_field)
             if key not in state.drift_seen:
@@ -387,9 +385,9 @@ class Runner:
                 await batches.save_checkpoint(conn, source.name, chunk.cursor, outcome.schema)
             await batches.add_counts(conn, run_id, source.name, counts)
         state.drift.extend(new_events)
-        for event in new_events:
-            self.metrics.drift.labels(source=source.name, kind=event["kind"]).inc()
-            log.warning("schema_drift", source=source.name, run_id=str(run_id), **event)
+        for drift_event in new_events:
+            self.metrics.drift.labels(source=source.name, kind=drift_event["kind"]).inc()
+            log.warning("schema_drift", source=source.name, run_id=str(run_id), **drift_event)
         if outcome.error is not None:
             # The raw records are kept; nothing else of this batch moves forward.
             state.error = outcome.error

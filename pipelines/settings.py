@@ -60,7 +60,9 @@ class Settings:
     """A partial batch is flushed after this long."""
     host: str = "127.0.0.1"
     port: int = 8000
-    log_format: str = field(default_factory=lambda: "json" if not sys.stdout.isatty() else "console")
+    log_format: str = field(
+        default_factory=lambda: "json" if not sys.stdout.isatty() else "console"
+    )
     log_level: str = "info"
 
     @property

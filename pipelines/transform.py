@@ -101,7 +101,7 @@ def parse_value(raw: Any) -> float | str:
     return value
 
 
-def parse_timestamp(raw: Any) -> datetime | None | str:
+def parse_timestamp(raw: Any) -> datetime | str | None:
     """UTC datetime, ``None`` when the record has none, or the reason it is invalid.
 
     Accepts ISO 8601 (``Z`` or an offset; a naive time is taken as UTC), a date

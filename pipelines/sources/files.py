@@ -93,9 +93,7 @@ class _LineFeeder:
             yield _decode_line(raw)
 
 
-def _csv_chunks(
-    path: Path, cursor: Mapping[str, Any] | None, batch_size: int
-) -> Iterator[Chunk]:
+def _csv_chunks(path: Path, cursor: Mapping[str, Any] | None, batch_size: int) -> Iterator[Chunk]:
     csv.field_size_limit(CSV_FIELD_LIMIT)
     with path.open("rb") as handle:
         size = path.stat().st_size
@@ -131,13 +129,13 @@ def _csv_chunks(
                     yield Chunk(records, _cursor(handle, feeder.consumed))
                     records = []
         except csv.Error as exc:
-            raise SourceError(f"unreadable CSV near record {line_hint} of this read: {exc}") from None
+            raise SourceError(
+                f"unreadable CSV near record {line_hint} of this read: {exc}"
+            ) from None
         yield Chunk(records, _cursor(handle, feeder.consumed), final=True)
 
 
-def _jsonl_chunks(
-    path: Path, cursor: Mapping[str, Any] | None, batch_size: int
-) -> Iterator[Chunk]:
+def _jsonl_chunks(path: Path, cursor: Mapping[str, Any] | None, batch_size: int) -> Iterator[Chunk]:
     with path.open("rb") as handle:
         size = path.stat().st_size
         offset = _start_offset(handle, size, cursor)
@@ -214,9 +212,7 @@ def filter_by_high_water(
     old = dict(cursor or {})
     if extra:
         old.update(extra)
-    chunks = [
-        Chunk(kept[i : i + batch_size], old) for i in range(0, len(kept), max(1, batch_size))
-    ]
+    chunks = [Chunk(kept[i : i + batch_size], old) for i in range(0, len(kept), max(1, batch_size))]
     return chunks, seen_max
 
 

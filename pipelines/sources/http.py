@@ -135,7 +135,7 @@ async def read_http(
             for start in range(0, len(emitted), batch_size):
                 yield Chunk(
                     emitted[start : start + batch_size],
-                    cursor={'high_water': _iso(newest)} if newest else {},
+                    cursor=dict(old_cursor),
                     meta={"page": page},
                 )
 
@@ -336,7 +336,7 @@ def _retry_after(value: str | None) -> float | None:
     else:
         if not seconds >= 0:  # negative or NaN: not a valid delay
             return None
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP_SECONDS)
+    return max(seconds, 0.0)
 
 
 def _status_text(status: int, reason: str | None) -> str:
