@@ -365,8 +365,8 @@ def _gecko_object(
 
 def _market_cap(rng: random.Random, index: int, real_coin: bool) -> float:
     if real_coin:
-        return 1.9e12 * (index + 1) ** -1.6
-    return 10 ** rng.uniform(6.0, 8.6)
+        return 1.9e12 * float(index + 1) ** -1.6
+    return 10.0 ** rng.uniform(6.0, 8.6)
 
 
 def _by_market_cap(obj: dict[str, object]) -> tuple[float, str]:

@@ -1,0 +1,142 @@
+"""The ingestion loop the service runs in the background.
+
+One task: the startup run (when enabled), then a run every interval. A run that
+raises is logged, counted and shown in ``/health``; the loop goes on to the next
+interval, so neither the API nor later runs depend on one bad run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import structlog
+
+from observability.metrics import Metrics
+
+log = structlog.get_logger("kasparro.loop")
+
+DEFAULT_STOP_TIMEOUT = 8.0
+"""How long a stop waits for the run in progress to close itself before cancelling it."""
+
+
+class RunnerLike(Protocol):
+    """What the loop needs of :class:`pipelines.runner.Runner`."""
+
+    async def run(self, trigger: str, names: Sequence[str] | None = None) -> dict[str, Any]: ...
+
+    def request_stop(self) -> None: ...
+
+    @property
+    def running(self) -> bool: ...
+
+
+class IngestionLoop:
+    """Schedules runs; entered and left by the service's lifespan.
+
+    Attributes:
+        state: ``disabled`` (nothing scheduled), ``scheduled`` (waiting for the next
+            run), ``running``, ``finished`` (the startup run was the only one),
+            ``crashed`` (the last attempt raised; kept until a run completes) or
+            ``stopping``.
+        last_error: one line about the last crash, ``None`` after a completed run.
+        last_status: status of the last run this loop completed.
+    """
+
+    def __init__(
+        self,
+        runner: RunnerLike,
+        metrics: Metrics,
+        *,
+        on_startup: bool,
+        interval_seconds: float,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+    ) -> None:
+        self.runner = runner
+        self.metrics = metrics
+        self.on_startup = on_startup
+        self.interval_seconds = interval_seconds
+        self.stop_timeout = stop_timeout
+        self.state = "disabled"
+        self.last_error: str | None = None
+        self.last_status: str | None = None
+        self.runs_completed = 0
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.on_startup or self.interval_seconds > 0
+
+    def start(self) -> None:
+        """Start the background task (no-op when nothing is scheduled)."""
+        if not self.enabled or self._task is not None:
+            return
+        self.state = "scheduled"
+        self._task = asyncio.create_task(self._main(), name="kasparro-ingestion-loop")
+
+    async def stop(self) -> bool:
+        """Ask the run in progress to close, wait for it with a bound, then cancel.
+
+        Returns:
+            ``True`` when a run had to be cancelled (its record may still say
+            ``running`` and is closed as interrupted at the next start).
+        """
+        self._stopping.set()
+        task = self._task
+        if task is None or task.done():
+            return False
+        self.state = "stopping"
+        self.runner.request_stop()
+        done, _ = await asyncio.wait({task}, timeout=self.stop_timeout)
+        if done:
+            return False
+        log.warning("etl_loop_stop_timeout", timeout_seconds=self.stop_timeout)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return True
+
+    async def _main(self) -> None:
+        try:
+            if self.on_startup:
+                await self._attempt("startup")
+            if self.interval_seconds <= 0:
+                if self.state != "crashed":
+                    self.state = "finished"
+                return
+            while not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.interval_seconds):
+                        await self._stopping.wait()
+                if self._stopping.is_set():
+                    return
+                await self._attempt("schedule")
+        except Exception as exc:  # a bug in the loop itself: report it, keep the API up
+            self._crashed(exc)
+
+    async def _attempt(self, trigger: str) -> None:
+        # Checked right before the run: the runner clears its stop flag when a run
+        # begins, so a stop requested before that moment must be honoured here.
+        if self._stopping.is_set():
+            return
+        self.state = "running"
+        try:
+            run = await self.runner.run(trigger)
+        except Exception as exc:
+            self._crashed(exc)
+            return
+        self.last_status = str(run.get("status"))
+        self.last_error = None
+        self.runs_completed += 1
+        if not self._stopping.is_set():
+            self.state = "scheduled"
+
+    def _crashed(self, exc: BaseException) -> None:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        self.last_error = f"{type(exc).__name__}: {message}"[:500]
+        self.state = "crashed"
+        self.metrics.loop_crashes.inc()
+        log.error("etl_loop_crashed", error=self.last_error, exc_info=exc)

@@ -1,0 +1,187 @@
+"""Response bodies of the HTTP API (contract section 3), as msgspec Structs.
+
+Timestamps are aware UTC datetimes: msgspec writes them as ISO 8601 with ``Z``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    """Every error response."""
+
+    status_code: int
+    detail: str
+    extra: list[dict[str, Any]] | None = None
+
+
+class Root(msgspec.Struct):
+    status: str
+    service: str
+    version: str
+    docs: str
+    health: str
+
+
+class Health(msgspec.Struct):
+    status: str
+    """``ok``, or ``degraded`` (HTTP 503) when the database does not answer."""
+    db: str
+    """``ok`` or ``down``."""
+    last_etl: str
+    """``success``, ``partial``, ``failed``, ``running``, ``never``; ``unknown`` while the
+    database is down and this process has not finished a run."""
+    etl_loop: str
+    """``disabled``, ``scheduled``, ``running``, ``finished``, ``crashed`` or ``stopping``."""
+    etl_loop_error: str | None
+    db_latency_ms: float | None
+
+
+class DataItem(msgspec.Struct):
+    name: str
+    value: float
+    source: str
+    observed_at: datetime
+    ingested_at: datetime
+
+
+class Pagination(msgspec.Struct):
+    limit: int
+    offset: int
+    total: int
+    next_cursor: str | None
+
+
+class Meta(msgspec.Struct):
+    request_id: str
+    api_latency_ms: float
+
+
+class DataPage(msgspec.Struct):
+    data: list[DataItem]
+    pagination: Pagination
+    meta: Meta
+
+
+class SourceStats(msgspec.Struct):
+    last_success_at: datetime | None
+    last_failure_at: datetime | None
+    raw_records: int
+    checkpoint: dict[str, Any] | None
+    last_error: str | None
+
+
+class Stats(msgspec.Struct):
+    last_run_at: datetime | None
+    last_success_at: datetime | None
+    last_failure_at: datetime | None
+    last_status: str
+    """Status of the newest run, or ``never``."""
+    last_duration_seconds: float | None
+    runs_total: int
+    records_processed_total: int
+    unified_records: int
+    sources: dict[str, SourceStats]
+
+
+class RunSource(msgspec.Struct):
+    status: str
+    fetched: int
+    raw_inserted: int
+    duplicates: int
+    rejected: int
+    unified_upserted: int
+    error: str | None
+    drift: list[dict[str, Any]]
+    """Drift events: ``kind``, ``field``, ``new_field``, ``confidence``, ``detail``."""
+
+
+class Run(msgspec.Struct):
+    id: str
+    trigger: str
+    status: str
+    started_at: str
+    finished_at: str | None
+    duration_seconds: float | None
+    error: str | None
+    sources: dict[str, RunSource]
+
+
+class RunList(msgspec.Struct):
+    data: list[Run]
+
+
+class Rejection(msgspec.Struct):
+    id: int
+    run_id: str
+    source: str
+    raw_id: int
+    field: str
+    reason: str
+    payload: Any
+    """The raw record exactly as stored."""
+    created_at: datetime
+    raw_table: str
+
+
+class RejectionPagination(msgspec.Struct):
+    limit: int
+    next_after: int | None
+    """Pass as ``after`` to read the next page; null on the last page."""
+
+
+class RejectionList(msgspec.Struct):
+    data: list[Rejection]
+    pagination: RejectionPagination
+
+
+class Counts(msgspec.Struct):
+    fetched: int
+    raw_inserted: int
+    duplicates: int
+    rejected: int
+    unified_upserted: int
+    duration_seconds: float | None
+
+
+class RunSummary(msgspec.Struct):
+    id: str
+    trigger: str
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    duration_seconds: float | None
+
+
+class SourceComparison(msgspec.Struct):
+    a_status: str | None
+    b_status: str | None
+    a: Counts | None
+    b: Counts | None
+    delta: Counts
+    """``b - a`` for every count and the duration (a missing side counts as zero)."""
+    rejection_rate_b: float | None
+
+
+class Anomaly(msgspec.Struct):
+    rule: str
+    """``volume_change``, ``rejection_rate``, ``slow_run``, ``new_drift`` or ``source_failed``."""
+    source: str | None
+    """The source concerned; null for a rule about the whole run."""
+    detail: str
+    value: float | None
+    threshold: float | None
+
+
+class Comparison(msgspec.Struct):
+    a: RunSummary
+    b: RunSummary
+    duration_delta_seconds: float | None
+    median_duration_seconds: float | None
+    """Median duration of up to 10 finished runs started before ``b``."""
+    sources: dict[str, SourceComparison]
+    anomalies: list[Anomaly]
