@@ -1,1 +1,4 @@
-"""HTTP service: the Litestar app, its lifespan and the command line."""
+"""The HTTP service: Litestar app, lifespan (pools and ingestion loop), controllers.
+
+Importing this package does nothing; :func:`app.server.create_app` builds the app.
+"""

@@ -18,7 +18,7 @@ from observability.metrics import Metrics
 
 log = structlog.get_logger("kasparro.loop")
 
-DEFAULT_STOP_TIMEOUT = 8.0
+DEFAULT_STOP_TIMEOUT = 6.0
 """How long a stop waits for the run in progress to close itself before cancelling it."""
 
 

@@ -255,7 +255,7 @@ def _entities(rng: random.Random) -> list[tuple[str, str, float, bool]]:
     out = [(name, symbol, price, True) for name, symbol, price in COINS]
     numbers = rng.sample(range(10000), GENERATED_TOKENS)
     for n in numbers:
-        price = 10 ** rng.uniform(-3.0, 1.7)
+        price = math.pow(10.0, rng.uniform(-3.0, 1.7))
         out.append((f"Token {n:04d}", f"T{n:04d}", price, False))
     return out
 
@@ -365,8 +365,8 @@ def _gecko_object(
 
 def _market_cap(rng: random.Random, index: int, real_coin: bool) -> float:
     if real_coin:
-        return 1.9e12 * float(index + 1) ** -1.6
-    return 10.0 ** rng.uniform(6.0, 8.6)
+        return 1.9e12 * math.pow(index + 1, -1.6)
+    return math.pow(10.0, rng.uniform(6.0, 8.6))
 
 
 def _by_market_cap(obj: dict[str, object]) -> tuple[float, str]:

@@ -85,8 +85,12 @@ def run_migrations(url: str) -> None:
 
     from alembic import command
 
-    config = Config(str(REPO_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(REPO_ROOT / "alembic"))
+    # The migrations live beside alembic.ini at the project root: the working
+    # directory of an installed deployment (the container's /app), else the
+    # source checkout this package was imported from.
+    root = Path.cwd() if (Path.cwd() / "alembic" / "env.py").is_file() else REPO_ROOT
+    config = Config(str(root / "alembic.ini"))
+    config.set_main_option("script_location", str(root / "alembic"))
     # Percent signs in passwords would otherwise be read as interpolation.
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     config.attributes["configure_logger"] = False

@@ -15,8 +15,10 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
 
-Executor = asyncpg.Pool[Any] | asyncpg.Connection[Any]
+Executor = asyncpg.Pool[Any] | asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+Connection = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
 
 #: Upper bound of a read query; the API answers 503 rather than hang on a stuck database.
 READ_TIMEOUT_SECONDS = 10.0
@@ -26,7 +28,7 @@ READ_TIMEOUT_SECONDS = 10.0
 LAST_RUN_STATUS = "SELECT status FROM etl_runs ORDER BY started_at DESC LIMIT 1"
 
 
-async def ping(conn: asyncpg.Connection[Any]) -> str | None:
+async def ping(conn: Connection) -> str | None:
     """Round trip to the database; returns the newest run's status (``None``: no run yet)."""
     status: str | None = await conn.fetchval(LAST_RUN_STATUS)
     return status
@@ -208,7 +210,7 @@ def _object(text: str | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else {"value": value}
 
 
-async def stats(conn: asyncpg.Connection[Any], declared: Sequence[str]) -> Stats:
+async def stats(conn: Connection, declared: Sequence[str]) -> Stats:
     """Run totals and per-source state; every declared source appears, data or not.
 
     Sources that are no longer declared but still have a checkpoint are listed

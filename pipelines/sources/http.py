@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any, Final
@@ -70,7 +70,7 @@ async def read_http(
     batch_size: int,
     *,
     session: aiohttp.ClientSession | None = None,
-) -> AsyncIterator[Chunk]:
+) -> AsyncGenerator[Chunk, None]:
     """Read ``source.location`` and yield its records in chunks.
 
     Args:
@@ -336,7 +336,7 @@ def _retry_after(value: str | None) -> float | None:
     else:
         if not seconds >= 0:  # negative or NaN: not a valid delay
             return None
-    return max(seconds, 0.0)
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_SECONDS)
 
 
 def _status_text(status: int, reason: str | None) -> str:

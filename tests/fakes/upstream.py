@@ -22,6 +22,7 @@ From another thread (e.g. while the service runs as a subprocess)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import threading
 import time
@@ -340,9 +341,7 @@ class FakeUpstream:
     ) -> None:
         self.stop()
 
-    async def _serve_in_thread(
-        self, ready: threading.Event, failures: list[BaseException]
-    ) -> None:
+    async def _serve_in_thread(self, ready: threading.Event, failures: list[BaseException]) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
         try:
@@ -418,10 +417,8 @@ class FakeUpstream:
 
     async def _stall(self, seconds: float) -> None:
         assert self._released is not None
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._released.wait(), seconds)
-        except TimeoutError:
-            pass
 
     async def _cut(self, request: web.Request, body: bytes) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": _JSON})

@@ -5,6 +5,7 @@ No database: these tests drive ``read_http`` directly and check what the fake sa
 
 from __future__ import annotations
 
+import itertools
 import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
@@ -20,7 +21,7 @@ from pipelines.errors import SourceError
 from pipelines.records import Chunk
 from pipelines.sources import http
 from pipelines.sources.http import read_http
-from tests.fakes.upstream import Fault, FakeUpstream, RecordedRequest, make_tickers
+from tests.fakes.upstream import FakeUpstream, Fault, RecordedRequest, make_tickers
 
 MAPPING = FieldMapping(name="name", value="quotes.USD.price", observed_at="last_updated", id="id")
 TICKERS = make_tickers(10)  # last_updated 2025-06-25T10:00:00Z .. 10:00:09Z
@@ -63,7 +64,7 @@ def payloads(chunks: list[Chunk]) -> list[Any]:
 
 
 def gaps(requests: list[RecordedRequest]) -> list[float]:
-    return [b.at - a.at for a, b in zip(requests, requests[1:], strict=False)]
+    return [b.at - a.at for a, b in itertools.pairwise(requests)]
 
 
 def closed_port() -> int:
@@ -87,7 +88,8 @@ async def test_503_twice_then_200_succeeds_after_exactly_three_requests(
     assert len(fake.requests) == 3
     assert payloads(chunks) == TICKERS
     final = chunks[-1]
-    assert final.final and final.records == []
+    assert final.final
+    assert final.records == []
     assert final.meta["requests"] == 3
     assert final.meta["retries"] == 2
     assert all(not chunk.final for chunk in chunks[:-1])
@@ -298,7 +300,8 @@ async def test_high_water_skips_records_at_or_below_it() -> None:
     *pages, final = chunks
     assert all(chunk.cursor == old and not chunk.final for chunk in pages)
     assert all(len(chunk.records) <= 2 for chunk in pages)
-    assert final.final and final.records == []
+    assert final.final
+    assert final.records == []
     assert final.cursor == {"high_water": "2025-06-25T10:00:09Z"}
     assert final.meta["skipped"] == 6
 
@@ -320,8 +323,9 @@ async def test_the_mark_never_goes_back(fake: FakeUpstream) -> None:
 
     chunks = await read_all(make_source(fake.url), cursor=old)
 
-    assert chunks == [Chunk([], cursor={"high_water": "2030-01-01T00:00:00Z"}, final=True,
-                            meta=chunks[-1].meta)]
+    assert chunks == [
+        Chunk([], cursor={"high_water": "2030-01-01T00:00:00Z"}, final=True, meta=chunks[-1].meta)
+    ]
 
 
 async def test_nothing_dated_and_no_mark_gives_an_empty_cursor() -> None:
@@ -357,7 +361,8 @@ async def test_authorization_is_sent_raw_when_a_key_is_set(fake: FakeUpstream) -
         assert request.headers["X-Extra"] == "1"
     retries = [entry for entry in logs if entry["event"] == "http_retry"]
     assert len(retries) == 1
-    assert retries[0]["status"] == 503 and retries[0]["attempt"] == 1
+    assert retries[0]["status"] == 503
+    assert retries[0]["attempt"] == 1
     assert retries[0]["log_level"] == "warning"
     assert "sk-live-123" not in repr(logs)
 

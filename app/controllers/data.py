@@ -1,0 +1,122 @@
+"""The unified data: ``/data`` (keyset or offset pages) and ``/stats``."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from litestar import Controller, Request, get
+from litestar.exceptions import ValidationException
+from litestar.params import Parameter
+
+from app.pagination import CursorError, decode_cursor, encode_cursor
+from app.schemas import DataItem, DataPage, Meta, Pagination, SourceStats, Stats
+from app.security import SECURITY_SCHEME, api_key_guard
+from app.service import Service
+from persistence import reads
+from pipelines.transform import canonical_name
+
+MAX_OFFSET = 2**31 - 1
+"""Deeper offsets are refused (400); cursors page through any depth at constant cost."""
+
+
+def _bad_parameter(key: str, message: str) -> ValidationException:
+    return ValidationException(
+        detail=f"Invalid parameter: {key}",
+        extra=[{"message": message, "key": key, "source": "query"}],
+    )
+
+
+class DataController(Controller):
+    tags = ("data",)
+
+    @get(
+        "/data",
+        operation_id="listData",
+        summary="Unified records, ordered by name",
+        guards=[api_key_guard],
+        security=[{SECURITY_SCHEME: []}],
+    )
+    async def list_data(
+        self,
+        request: Request,  # type: ignore[type-arg]
+        service: Service,
+        limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size.")] = 100,
+        offset: Annotated[
+            int, Parameter(ge=0, le=MAX_OFFSET, description="Rows to skip (0 with a cursor).")
+        ] = 0,
+        source: Annotated[
+            str | None, Parameter(description="Keep rows won by this source.")
+        ] = None,
+        name: Annotated[
+            str | None,
+            Parameter(description="Canonical name; normalised like stored names."),
+        ] = None,
+        cursor: Annotated[
+            str | None, Parameter(description="Opaque, from a previous next_cursor.")
+        ] = None,
+    ) -> DataPage:
+        """A page of ``unified_data``; follow ``next_cursor`` to read every row once."""
+        after: str | None = None
+        if cursor is not None:
+            if offset:
+                raise _bad_parameter("cursor", "a cursor cannot be combined with offset > 0")
+            try:
+                after = decode_cursor(cursor)
+            except CursorError:
+                raise _bad_parameter("cursor", "malformed cursor") from None
+        wanted = canonical_name(name) if name is not None else None
+        # One row more than shown tells whether another page follows.
+        page = await reads.data_page(
+            service.read_pool,
+            source=source,
+            name=wanted,
+            after=after,
+            limit=limit + 1,
+            offset=offset,
+        )
+        rows = page.rows[:limit]
+        next_cursor = encode_cursor(rows[-1].name) if len(page.rows) > limit else None
+        started: float = request.state.started
+        return DataPage(
+            data=[
+                DataItem(r.name, r.value, r.source, r.observed_at, r.ingested_at) for r in rows
+            ],
+            pagination=Pagination(
+                limit=limit, offset=offset, total=page.total, next_cursor=next_cursor
+            ),
+            meta=Meta(
+                request_id=request.state.request_id,
+                api_latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            ),
+        )
+
+    @get("/stats", operation_id="stats", summary="Run totals and per-source state")
+    async def stats(self, service: Service) -> Stats:
+        """Totals over every run, and each declared source's last outcome and checkpoint."""
+        async with service.read_pool.acquire() as conn:
+            found = await reads.stats(conn, service.source_names)
+        return Stats(
+            last_run_at=found.last_run_at,
+            last_success_at=found.last_success_at,
+            last_failure_at=found.last_failure_at,
+            last_status=found.last_status or "never",
+            last_duration_seconds=(
+                None
+                if found.last_duration_seconds is None
+                else round(found.last_duration_seconds, 3)
+            ),
+            runs_total=found.runs_total,
+            records_processed_total=found.records_processed_total,
+            unified_records=found.unified_records,
+            sources={
+                name: SourceStats(
+                    last_success_at=s.last_success_at,
+                    last_failure_at=s.last_failure_at,
+                    raw_records=s.raw_records,
+                    checkpoint=s.checkpoint,
+                    last_error=s.last_error,
+                )
+                for name, s in found.sources.items()
+            },
+        )

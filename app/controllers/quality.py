@@ -1,0 +1,56 @@
+"""Data quality: ``/rejections``, the records that failed validation and why."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from litestar import Controller, get
+from litestar.params import Parameter
+
+from app.schemas import Rejection, RejectionList, RejectionPagination
+from app.security import SECURITY_SCHEME, api_key_guard
+from app.service import Service
+from persistence import reads
+
+
+class QualityController(Controller):
+    tags = ("quality",)
+    guards = (api_key_guard,)
+    security = ({SECURITY_SCHEME: []},)
+
+    @get("/rejections", operation_id="listRejections", summary="Rejected records and why")
+    async def list_rejections(
+        self,
+        service: Service,
+        run_id: Annotated[uuid.UUID | None, Parameter(description="Only this run.")] = None,
+        source: Annotated[str | None, Parameter(description="Only this source.")] = None,
+        limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size.")] = 100,
+        after: Annotated[
+            int, Parameter(ge=0, le=2**62, description="Rejection id to continue after.")
+        ] = 0,
+    ) -> RejectionList:
+        """Each rejection with the field, the reason and the raw record as stored."""
+        found = await reads.list_rejections(
+            service.read_pool, run_id=run_id, source=source, after_id=after, limit=limit + 1
+        )
+        shown = found[:limit]
+        return RejectionList(
+            data=[
+                Rejection(
+                    id=r.id,
+                    run_id=str(r.run_id),
+                    source=r.source,
+                    raw_id=r.raw_id,
+                    field=r.field,
+                    reason=r.reason,
+                    payload=r.payload,
+                    created_at=r.created_at,
+                    raw_table=r.raw_table,
+                )
+                for r in shown
+            ],
+            pagination=RejectionPagination(
+                limit=limit, next_after=shown[-1].id if len(found) > limit else None
+            ),
+        )

@@ -1,0 +1,68 @@
+"""Run records: ``/runs``, ``/runs/{id}`` and ``/compare-runs``."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, get
+from litestar.exceptions import NotFoundException
+from litestar.params import Parameter
+
+from app.compare import MEDIAN_WINDOW, compare_runs
+from app.schemas import Comparison, Run, RunList
+from app.security import SECURITY_SCHEME, api_key_guard
+from app.service import Service
+from persistence import reads, runs
+
+
+class RunsController(Controller):
+    tags = ("runs",)
+    guards = (api_key_guard,)
+    security = ({SECURITY_SCHEME: []},)
+
+    @get("/runs", operation_id="listRuns", summary="Runs, newest first")
+    async def list_runs(
+        self,
+        service: Service,
+        limit: Annotated[int, Parameter(ge=1, le=100, description="How many runs.")] = 20,
+    ) -> RunList:
+        found = await runs.list_runs(service.read_pool, limit)
+        return RunList(data=msgspec.convert(found, list[Run]))
+
+    @get("/runs/{run_id:uuid}", operation_id="getRun", summary="One run")
+    async def get_run(self, service: Service, run_id: uuid.UUID) -> Run:
+        """404 when no run has this id (a malformed id is 404 too)."""
+        found = await runs.get_run(service.read_pool, run_id)
+        if found is None:
+            raise NotFoundException(detail="Run not found")
+        return msgspec.convert(found, Run)
+
+    @get(
+        "/compare-runs",
+        operation_id="compareRuns",
+        summary="Deltas between two runs and the anomalies of b",
+    )
+    async def compare(
+        self,
+        service: Service,
+        a: Annotated[uuid.UUID, Parameter(description="The reference run.")],
+        b: Annotated[uuid.UUID, Parameter(description="The run under inspection.")],
+    ) -> Comparison:
+        """Per-source deltas ``b - a`` and flagged anomalies, each naming its rule.
+
+        Rules: ``volume_change`` (fetched changed by more than 50%),
+        ``rejection_rate`` (more than 5% of b's fetched records rejected),
+        ``slow_run`` (b took more than 3x the median of the 10 runs before it, and
+        at least a second), ``new_drift`` (drift in b that a did not have),
+        ``source_failed`` (a source succeeded in a and failed in b).
+        """
+        pool = service.read_pool
+        run_a = await reads.run_detail(pool, a)
+        run_b = await reads.run_detail(pool, b)
+        missing = [label for label, run in (("a", run_a), ("b", run_b)) if run is None]
+        if missing or run_a is None or run_b is None:
+            raise NotFoundException(detail=f"Run not found: {', '.join(missing)}")
+        median, _ = await reads.median_duration_before(pool, run_b.started_at, MEDIAN_WINDOW)
+        return compare_runs(run_a, run_b, median)

@@ -1,0 +1,77 @@
+"""Service endpoints: ``/``, ``/health`` and ``/metrics``."""
+
+from __future__ import annotations
+
+from litestar import Controller, MediaType, Response, get
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
+from prometheus_client import generate_latest
+
+from app.schemas import Health, Root
+from app.service import Service
+
+#: The text exposition format 0.0.4, which every Prometheus scraper reads.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class SystemController(Controller):
+    tags = ("system",)
+
+    @get("/", operation_id="root", summary="The service is running")
+    async def root(self, service: Service) -> Root:
+        """Answers whenever the process is up, whatever the state of the database."""
+        return Root(
+            status="running",
+            service="kasparro",
+            version=service.version,
+            docs="/schema",
+            health="/health",
+        )
+
+    @get(
+        "/health",
+        operation_id="health",
+        summary="Database reachability and ingestion state",
+        responses={
+            HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(
+                data_container=Health, description="The database does not answer"
+            )
+        },
+    )
+    async def health(self, service: Service) -> Response[Health]:
+        """200 when the database answers within a second, else 503 ``degraded``.
+
+        ``last_etl`` is ``running`` while this process runs ETL, else the newest run's
+        status (``never`` before the first one).
+        """
+        check = await service.check_database()
+        loop = service.loop
+        if loop.runner.running:
+            last = "running"
+        elif check.ok:
+            last = check.last_status or "never"
+        else:
+            last = loop.last_status or "unknown"
+        body = Health(
+            status="ok" if check.ok else "degraded",
+            db="ok" if check.ok else "down",
+            last_etl=last,
+            etl_loop=loop.state,
+            etl_loop_error=loop.last_error,
+            db_latency_ms=check.latency_ms,
+        )
+        return Response(
+            body, status_code=HTTP_200_OK if check.ok else HTTP_503_SERVICE_UNAVAILABLE
+        )
+
+    @get(
+        "/metrics",
+        operation_id="metrics",
+        summary="Prometheus metrics",
+        media_type=MediaType.TEXT,
+    )
+    async def metrics(self, service: Service) -> Response[bytes]:
+        """Prometheus text exposition format of this process's registry."""
+        return Response(
+            generate_latest(service.metrics.registry), media_type=METRICS_CONTENT_TYPE
+        )

@@ -1,0 +1,218 @@
+"""The HTTP service: the Litestar app factory and ``kasparro serve``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import secrets
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import asyncpg
+import structlog
+import uvicorn
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+from app.controllers.data import DataController
+from app.controllers.quality import QualityController
+from app.controllers.runs import RunsController
+from app.controllers.system import SystemController
+from app.dependencies import provide_service
+from app.errors import exception_handlers
+from app.ingestion import RunnerLike
+from app.middleware import RequestContext
+from app.security import API_KEY_HEADER, SECURITY_SCHEME
+from app.service import Service
+from observability.logging import configure_logging
+from observability.metrics import Metrics
+from persistence.database import resolve_database_url, run_migrations
+from pipelines.config import SourceConfig, load_sources
+from pipelines.errors import ConfigError
+from pipelines.settings import Settings
+
+log = structlog.get_logger("kasparro.server")
+
+GRACEFUL_SHUTDOWN_SECONDS = 2.0
+"""How long open HTTP connections may finish their request once a stop is asked.
+
+With the run's own bound (:data:`app.ingestion.DEFAULT_STOP_TIMEOUT`) a stop takes
+under ten seconds."""
+
+
+def create_app(
+    settings: Settings,
+    *,
+    pool: asyncpg.Pool[Any] | None = None,
+    metrics: Metrics | None = None,
+    runner: RunnerLike | None = None,
+    sources: list[SourceConfig] | None = None,
+) -> Litestar:
+    """Build the application; nothing touches the database until its lifespan starts.
+
+    Args:
+        settings: the service settings (``api_keys`` are the accepted ``x-api-key`` values).
+        pool: an open pool to use and leave open (tests); by default the lifespan
+            opens one on ``settings.database_url`` or the embedded server.
+        metrics: the metrics to update and serve; a fresh registry by default.
+        runner: the run executor of the ingestion loop; the pipeline's runner by default.
+        sources: the declared sources; read from ``settings.sources_file`` by default.
+
+    Raises:
+        ConfigError: the sources file is invalid.
+    """
+    metrics = metrics if metrics is not None else Metrics()
+    declared = sources if sources is not None else load_sources(settings)
+    service = Service(settings, declared, metrics, pool=pool, runner=runner)
+    app = Litestar(
+        route_handlers=[SystemController, DataController, RunsController, QualityController],
+        lifespan=[service],
+        state=State({"service": service}),
+        dependencies={"service": Provide(provide_service, sync_to_thread=False)},
+        exception_handlers=exception_handlers(),
+        openapi_config=OpenAPIConfig(
+            title="Kasparro",
+            version=service.version,
+            description="Unified records from APIs and files, with the ETL runs that made them.",
+            components=Components(
+                security_schemes={
+                    SECURITY_SCHEME: SecurityScheme(
+                        type="apiKey", name=API_KEY_HEADER, security_scheme_in="header"
+                    )
+                }
+            ),
+        ),
+        # Logs go through structlog (observability.logging), not Litestar's logging set-up.
+        logging_config=None,
+        debug=False,
+    )
+    # Wrapped outside the router so that 404/405 answers get the request id and
+    # are counted too (Litestar middleware only runs for a matched route).
+    app.asgi_handler = RequestContext(app.asgi_handler, metrics)
+    return app
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise ConfigError(
+            f"HOST/PORT: cannot listen on {host}:{port} ({exc.strerror or exc})"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _announce(settings: Settings, url: str, generated_key: str | None) -> None:
+    if settings.log_format == "json":
+        if generated_key is not None:
+            log.warning(
+                "api_key_generated",
+                api_key=generated_key,
+                hint="set API_KEY to choose the key; it changes at every start",
+            )
+        log.info("server_listening", url=url, docs=f"{url}/schema")
+        return
+    key = generated_key if generated_key is not None else "the one set in API_KEY"
+    print(
+        f"Kasparro listening on {url} (docs {url}/schema); API key: {key} "
+        f"(send it as the {API_KEY_HEADER} header)",
+        flush=True,
+    )
+
+
+@contextlib.contextmanager
+def _graceful_signals(server: uvicorn.Server) -> Iterator[None]:
+    """SIGINT/SIGTERM ask the server to stop gracefully; the process then exits 0.
+
+    uvicorn installs its own handlers while serving and, once stopped, raises the
+    captured signal again so that the previous handler sees it. The previous
+    handler is this one, so the re-raised signal ends nothing and ``serve``
+    returns its exit code normally.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        if server.should_exit and signum == signal.SIGINT:
+            server.force_exit = True
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_server(settings: Settings, host: str, port: int) -> int:
+    """``kasparro serve``: migrate, then serve the API and run the ingestion loop.
+
+    Returns:
+        0 after a graceful stop (SIGINT or SIGTERM), 1 when the service could not start.
+
+    Raises:
+        ConfigError: the database, the sources file or the address is unusable.
+    """
+    configure_logging(settings.log_format, settings.log_level, stream=sys.stdout)
+    url = resolve_database_url(settings)
+    run_migrations(url)
+    generated: str | None = None
+    keys = settings.api_keys
+    if not keys:
+        if settings.production:  # load_settings refuses this already; never serve keyless
+            raise ConfigError("API_KEY: must be set when APP_ENV=production")
+        generated = secrets.token_urlsafe(32)
+        keys = (generated,)
+    settings = dataclasses.replace(
+        settings, database_url=url, api_keys=keys, host=host, port=port
+    )
+    app = create_app(settings)
+    sock = _bind(host, port)
+    bound_port = int(sock.getsockname()[1])
+    _announce(settings, _url(host, bound_port), generated)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            interface="asgi3",
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_SECONDS),
+        )
+    )
+    try:
+        with _graceful_signals(server):
+            server.run(sockets=[sock])
+    except SystemExit as exc:
+        # uvicorn exits this way when the lifespan start-up fails (already logged).
+        log.error("service_start_failed", code=exc.code)
+        return 1
+    finally:
+        sock.close()
+    if not server.started:
+        log.error("service_start_failed")
+        return 1
+    log.info("service_exited")
+    sys.stdout.flush()
+    return 0

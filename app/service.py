@@ -1,0 +1,212 @@
+"""The service's lifespan component: database pools and the ingestion loop.
+
+Entered when the app starts and left when it stops, like Litestar's own channels
+plugin: start-up opens the pools and starts the loop in the background (the API
+answers at once); shutdown asks the run in progress to close, waits for it with a
+bound, cancels what is left and closes the pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+import structlog
+
+from app.ingestion import DEFAULT_STOP_TIMEOUT, IngestionLoop, RunnerLike
+from observability.metrics import Metrics
+from persistence import reads, runs
+from persistence.database import create_pool, resolve_database_url
+from pipelines.config import SourceConfig
+from pipelines.runner import Runner
+from pipelines.settings import Settings
+
+log = structlog.get_logger("kasparro.service")
+
+HEALTH_TIMEOUT_SECONDS = 1.0
+"""The database check of ``/health`` gives up after this long."""
+POOL_CLOSE_TIMEOUT_SECONDS = 5.0
+
+
+def package_version() -> str:
+    """The installed version of the project, or ``0+unknown`` when run from a checkout."""
+    try:
+        return importlib.metadata.version("kasparro")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseCheck:
+    ok: bool
+    last_status: str | None
+    latency_ms: float | None
+
+
+class Service:
+    """Owns the pools and the ingestion loop for the lifetime of the app.
+
+    Args:
+        settings: the service settings.
+        sources: the declared sources, in file order.
+        metrics: the process's metrics.
+        pool: an existing pool to use (left open on exit); by default one is
+            opened on ``settings.database_url`` or the embedded server.
+        runner: the run executor; by default a :class:`pipelines.runner.Runner`.
+        stop_timeout: how long shutdown waits for the run in progress.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        sources: list[SourceConfig],
+        metrics: Metrics,
+        *,
+        pool: asyncpg.Pool[Any] | None = None,
+        runner: RunnerLike | None = None,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+    ) -> None:
+        self.settings = settings
+        self.sources = sources
+        self.source_names = [s.name for s in sources]
+        self.metrics = metrics
+        self.version = package_version()
+        self._given_pool = pool
+        self._given_runner = runner
+        self._stop_timeout = stop_timeout
+        self._pool: asyncpg.Pool[Any] | None = None
+        self._read_pool: asyncpg.Pool[Any] | None = None
+        self._owned: list[asyncpg.Pool[Any]] = []
+        self._url: str | None = None
+        self._loop: IngestionLoop | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool[Any]:
+        """The primary pool: ingestion and the health check."""
+        if self._pool is None:
+            raise RuntimeError("the service is not started")
+        return self._pool
+
+    @property
+    def read_pool(self) -> asyncpg.Pool[Any]:
+        """The pool of the read endpoints (``DATABASE_READ_URL`` when set)."""
+        if self._read_pool is None:
+            raise RuntimeError("the service is not started")
+        return self._read_pool
+
+    @property
+    def loop(self) -> IngestionLoop:
+        if self._loop is None:
+            raise RuntimeError("the service is not started")
+        return self._loop
+
+    async def __aenter__(self) -> Service:
+        try:
+            await self._open_pools()
+            runner = self._given_runner or Runner(
+                self.pool, self.settings, self.sources, self.metrics
+            )
+            self._loop = IngestionLoop(
+                runner,
+                self.metrics,
+                on_startup=self.settings.etl_on_startup,
+                interval_seconds=self.settings.etl_interval_seconds,
+                stop_timeout=self._stop_timeout,
+            )
+            self._loop.start()
+        except BaseException:
+            await self._close_pools()
+            raise
+        log.info(
+            "service_started",
+            etl_on_startup=self.settings.etl_on_startup,
+            etl_interval_seconds=self.settings.etl_interval_seconds,
+            sources=self.source_names,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        interrupted = await self._loop.stop() if self._loop is not None else False
+        await self._close_pools()
+        if interrupted and self._url is not None:
+            await self._close_interrupted(self._url)
+        log.info("service_stopped", run_interrupted=interrupted)
+
+    async def _open_pools(self) -> None:
+        if self._given_pool is not None:
+            self._pool = self._given_pool
+        else:
+            url = self.settings.database_url
+            if url is None:
+                # Starting the embedded server blocks; keep the event loop free.
+                url = await asyncio.to_thread(resolve_database_url, self.settings)
+            self._url = url
+            self._pool = await create_pool(url)
+            self._owned.append(self._pool)
+        if self.settings.database_read_url:
+            self._read_pool = await create_pool(self.settings.database_read_url)
+            self._owned.append(self._read_pool)
+        elif self._url is not None:
+            # A pool of its own, so a burst of reads never starves ingestion and
+            # a long run never starves the API.
+            self._read_pool = await create_pool(self._url)
+            self._owned.append(self._read_pool)
+        else:
+            self._read_pool = self._pool
+
+    async def _close_pools(self) -> None:
+        for pool in self._owned:
+            try:
+                await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT_SECONDS)
+            except Exception as exc:
+                log.warning("pool_close_forced", error=str(exc) or type(exc).__name__)
+                pool.terminate()
+        self._owned.clear()
+
+    async def _close_interrupted(self, url: str) -> None:
+        # The run was cancelled: its connections (and advisory locks) are gone with
+        # the pool, so it can be marked interrupted now instead of at the next start.
+        try:
+            async with asyncio.timeout(3.0):
+                conn = await asyncpg.connect(url)
+                try:
+                    closed = await runs.close_interrupted_runs(conn)
+                finally:
+                    await conn.close()
+            for run_id in closed:
+                log.warning("run_interrupted_closed", closed_run_id=str(run_id))
+        except Exception as exc:
+            log.warning("run_close_failed", error=str(exc) or type(exc).__name__)
+
+    async def check_database(self) -> DatabaseCheck:
+        """One bounded round trip on the primary pool.
+
+        A connection that fails or is cut mid-query is terminated rather than put
+        back, so the pool opens a fresh one once the database is reachable again.
+        """
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS):
+                conn = await self.pool.acquire()
+                try:
+                    status = await reads.ping(conn)
+                except BaseException:
+                    conn.terminate()
+                    raise
+                finally:
+                    await self.pool.release(conn)
+        except Exception as exc:
+            log.warning("db_check_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            return DatabaseCheck(ok=False, last_status=None, latency_ms=None)
+        latency = round((time.perf_counter() - started) * 1000, 3)
+        return DatabaseCheck(ok=True, last_status=status, latency_ms=latency)
