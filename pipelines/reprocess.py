@@ -12,7 +12,7 @@ from persistence import batches, runs
 from persistence.types import Conn
 from pipelines.config import SourceConfig
 from pipelines.drift import detect_drift
-from pipelines.runner import plan_rows
+from pipelines.runner import evaluate, plan_rows
 
 _decoder = msgspec.json.Decoder()
 
@@ -79,6 +79,11 @@ async def _apply(
     schema: dict[str, str] | None,
     mapping: Any,
 ) -> int:
-    outcome = detect_drift(source, [r[1] for r in rows], schema)
-    unified, _ = plan_rows(rows, outcome.mapping)
+    payloads = [r[1] for r in rows]
+    outcome = detect_drift(source, payloads, schema)
+    evaluated = evaluate(payloads, outcome.mapping)
+    unified, _ = plan_rows(
+        (raw_id, result, ingested_at, run_id)
+        for (raw_id, _, ingested_at, run_id), result in zip(rows, evaluated, strict=True)
+    )
     return await batches.upsert_unified(conn, unified, source=source.name, priority=source.priority)

@@ -24,12 +24,12 @@ from observability.metrics import Metrics
 from persistence import batches, runs
 from persistence.batches import BatchCounts, RejectedRow, UnifiedRow
 from pipelines.config import FieldMapping, SourceConfig
-from pipelines.drift import detect_drift
+from pipelines.drift import DriftOutcome, detect_drift
 from pipelines.errors import InjectedFailure, SourceError
 from pipelines.records import Chunk
 from pipelines.settings import Settings
 from pipelines.sources.files import read_csv, read_json
-from pipelines.transform import Rejection, lookup, transform
+from pipelines.transform import Rejection, Unified, lookup, transform
 
 log = structlog.get_logger("kasparro.runner")
 
@@ -37,6 +37,8 @@ QUEUE_CHUNKS = 4
 STOPPED = "stopped: the service is shutting down"
 
 Progress = Callable[[str, BatchCounts], None]
+#: A transformed record and its source-side id.
+Evaluated = tuple[Unified | Rejection, str | None]
 
 
 @dataclass(slots=True)
@@ -54,6 +56,19 @@ class _SourceState:
     @property
     def status(self) -> str:
         return "failed" if self.error is not None or not self.done else "success"
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A chunk with its drift outcome and every record already transformed.
+
+    Preparing is pure CPU work, done in a worker thread by the producer so that
+    it overlaps the database writing the previous chunk.
+    """
+
+    chunk: Chunk
+    outcome: DriftOutcome
+    results: list[Evaluated]
 
 
 @dataclass(slots=True)
@@ -216,7 +231,7 @@ class Runner:
     ) -> list[_SourceState]:
         committed = await batches.load_checkpoints(self.pool, [s.name for s in sources])
         states = [_SourceState(s, *committed.get(s.name, ({}, None))) for s in sources]
-        queue: asyncio.Queue[tuple[_SourceState, Chunk | _End]] = asyncio.Queue(QUEUE_CHUNKS)
+        queue: asyncio.Queue[tuple[_SourceState, _Prepared | _End]] = asyncio.Queue(QUEUE_CHUNKS)
         batch_size = self._batch_size()
         http_session = await self._http_session(sources)
         try:
@@ -268,12 +283,13 @@ class Runner:
     async def _produce(
         self,
         state: _SourceState,
-        queue: asyncio.Queue[tuple[_SourceState, Chunk | _End]],
+        queue: asyncio.Queue[tuple[_SourceState, _Prepared | _End]],
         batch_size: int,
         http_session: Any,
     ) -> None:
         limit = self.settings.etl_fail_after_records
         end = _End()
+        schema = state.schema
         try:
             async for chunk in self._reader(state, batch_size, http_session):
                 if self._stop.is_set():
@@ -284,7 +300,11 @@ class Runner:
                 self._read_total += len(chunk.records)
                 if limit is not None and self._read_total >= limit:
                     raise InjectedFailure()
-                await queue.put((state, chunk))
+                prepared = await asyncio.to_thread(_prepare, state.config, chunk, schema)
+                await queue.put((state, prepared))
+                if prepared.outcome.error is not None:
+                    break  # the writer keeps the raw records and fails the source
+                schema = prepared.outcome.schema
         except InjectedFailure as exc:
             end = _End(str(exc))
         except SourceError as exc:
@@ -300,7 +320,7 @@ class Runner:
         self,
         run_id: uuid.UUID,
         states: Sequence[_SourceState],
-        queue: asyncio.Queue[tuple[_SourceState, Chunk | _End]],
+        queue: asyncio.Queue[tuple[_SourceState, _Prepared | _End]],
         log_: Any,
     ) -> None:
         open_sources = len(states)
@@ -322,7 +342,11 @@ class Runner:
                 if item.error is not None:
                     log_.warning("source_failed", source=state.config.name, error=state.error)
                 continue
-            if state.error is not None or injected or (self._stop.is_set() and not item.final):
+            if (
+                state.error is not None
+                or injected
+                or (self._stop.is_set() and not item.chunk.final)
+            ):
                 if state.error is None:
                     state.error = STOPPED
                 continue
@@ -336,10 +360,11 @@ class Runner:
             if self.progress is not None:
                 self.progress(state.config.name, state.counts)
 
-    async def _write(self, run_id: uuid.UUID, state: _SourceState, chunk: Chunk) -> BatchCounts:
+    async def _write(
+        self, run_id: uuid.UUID, state: _SourceState, prepared: _Prepared
+    ) -> BatchCounts:
         source = state.config
-        payloads = [r.payload for r in chunk.records]
-        outcome = detect_drift(source, payloads, state.schema)
+        chunk, outcome = prepared.chunk, prepared.outcome
         new_events: list[dict[str, Any]] = []
         for event in outcome.events:
             key = (event.kind, event.field, event.new_field)
@@ -366,11 +391,10 @@ class Runner:
             if outcome.error is None:
                 unified, rejected = plan_rows(
                     (
-                        (inserted[r.content_hash], r.payload, ingested_at, run_id)
-                        for r in chunk.records
+                        (inserted[r.content_hash], result, ingested_at, run_id)
+                        for r, result in zip(chunk.records, prepared.results, strict=True)
                         if r.content_hash in inserted
                     ),
-                    outcome.mapping,
                 )
                 counts.rejected = len(rejected)
                 await batches.insert_rejections(
@@ -407,29 +431,45 @@ class Runner:
         return counts
 
 
+def _prepare(source: SourceConfig, chunk: Chunk, schema: dict[str, str] | None) -> _Prepared:
+    payloads = [r.payload for r in chunk.records]
+    outcome = detect_drift(source, payloads, schema)
+    results = [] if outcome.error is not None else evaluate(payloads, outcome.mapping)
+    return _Prepared(chunk, outcome, results)
+
+
+def evaluate(payloads: Sequence[Any], mapping: FieldMapping) -> list[Evaluated]:
+    """Transform each record and pick its source-side id (pure)."""
+    out: list[Evaluated] = []
+    id_path = mapping.id
+    for payload in payloads:
+        result = transform(payload, mapping)
+        record_id = None
+        if id_path and isinstance(result, Unified):
+            found = lookup(payload, id_path)
+            if isinstance(found, str | int | float) and not isinstance(found, bool):
+                record_id = str(found)
+        out.append((result, record_id))
+    return out
+
+
 def plan_rows(
-    rows: Iterable[tuple[int, Any, datetime, uuid.UUID]], mapping: FieldMapping
+    rows: Iterable[tuple[int, Evaluated, datetime, uuid.UUID]],
 ) -> tuple[list[UnifiedRow], list[RejectedRow]]:
-    """Transform ``(raw_id, payload, ingested_at, run_id)`` rows into unified rows and rejections.
+    """Unified rows and rejections from ``(raw_id, evaluated, ingested_at, run_id)``.
 
     A record without its own timestamp is observed when it was ingested.
     """
     unified: list[UnifiedRow] = []
     rejected: list[RejectedRow] = []
     seen: set[int] = set()
-    for raw_id, payload, ingested_at, run_id in rows:
+    for raw_id, (result, record_id), ingested_at, run_id in rows:
         if raw_id in seen:
             continue
         seen.add(raw_id)
-        result = transform(payload, mapping)
         if isinstance(result, Rejection):
             rejected.append(RejectedRow(raw_id, result.field, result.reason))
             continue
-        record_id = None
-        if mapping.id:
-            found = lookup(payload, mapping.id)
-            if isinstance(found, str | int | float) and not isinstance(found, bool):
-                record_id = str(found)
         unified.append(
             UnifiedRow(
                 result.name,

@@ -10,7 +10,7 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from pipelines.config import FieldMapping
@@ -20,6 +20,7 @@ _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
 _NUMERIC = re.compile(r"^[+-]?\d+(\.\d+)?([eE][+-]?\d+)?$")
 # Epoch values above this are taken as milliseconds (year 5138 in seconds).
 _EPOCH_MS_THRESHOLD = 1e11
+_ZERO = timedelta(0)
 
 
 @dataclass(slots=True, frozen=True)
@@ -41,6 +42,9 @@ class Rejection:
 
 def canonical_name(raw: str) -> str:
     """NFKC, case-folded, trimmed, inner whitespace collapsed to one space."""
+    if raw.isascii():
+        # NFKC leaves ASCII alone and case folding is lower(): the common case, cheaply.
+        return " ".join(raw.lower().split())
     return " ".join(unicodedata.normalize("NFKC", raw).casefold().split())
 
 
@@ -73,6 +77,12 @@ def is_missing(value: Any) -> bool:
 
 def parse_value(raw: Any) -> float | str:
     """A finite float, or the reason it is not one."""
+    kind = type(raw)
+    if kind is float:
+        return raw if math.isfinite(raw) else f"not a finite number: {_short(raw)}"
+    if kind is str and _NUMERIC.match(raw):
+        value = float(raw)
+        return value if math.isfinite(value) else f"not a finite number: {_short(raw)}"
     if raw is _MISSING or raw is None:
         return "missing"
     if isinstance(raw, bool):
@@ -108,6 +118,16 @@ def parse_timestamp(raw: Any) -> datetime | str | None:
     without time (midnight UTC), and epoch seconds or milliseconds as numbers or
     numeric strings.
     """
+    if type(raw) is str and len(raw) > 19 and raw[10] == "T":
+        # The usual shape (ISO 8601 with a zone): parse it directly.
+        try:
+            parsed = datetime.fromisoformat(raw)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is None:
+                return parsed.replace(tzinfo=UTC)
+            return parsed if parsed.utcoffset() == _ZERO else parsed.astimezone(UTC)
     if raw is _MISSING or raw is None:
         return None
     if isinstance(raw, bool):

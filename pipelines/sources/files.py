@@ -93,6 +93,14 @@ class _LineFeeder:
             yield _decode_line(raw)
 
 
+def _header(row: list[str] | None) -> list[str] | None:
+    """Column names as used for payload keys, the same on a fresh read and a resume."""
+    if row is None:
+        return None
+    header = [h.strip() for h in row]
+    return header if any(header) else None
+
+
 def _csv_chunks(path: Path, cursor: Mapping[str, Any] | None, batch_size: int) -> Iterator[Chunk]:
     csv.field_size_limit(CSV_FIELD_LIMIT)
     with path.open("rb") as handle:
@@ -102,7 +110,7 @@ def _csv_chunks(path: Path, cursor: Mapping[str, Any] | None, batch_size: int) -
         if offset > 0:
             handle.seek(0)
             first = _LineFeeder(handle, 0)
-            header = next(csv.reader(iter(first)), None)
+            header = _header(next(csv.reader(iter(first)), None))
             if header is None:
                 offset = 0
         handle.seek(offset)
@@ -114,9 +122,7 @@ def _csv_chunks(path: Path, cursor: Mapping[str, Any] | None, batch_size: int) -
             for row in reader:
                 line_hint += 1
                 if header is None:
-                    header = [h.strip() for h in row]
-                    if not any(header):
-                        header = None
+                    header = _header(row)
                     continue
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue
