@@ -15,7 +15,6 @@ from typing import Any
 import msgspec
 
 from persistence.types import Conn, Queryable
-from pipelines.records import RawRecord
 
 _json = msgspec.json.Encoder()
 
@@ -127,6 +126,115 @@ FROM unnest($3::text[], $4::text[], $5::text[], $6::float8[], $7::text[])
 """
 
 
+@dataclass(slots=True)
+class BatchColumns:
+    """A batch as parallel columns, one entry per distinct record (in source order).
+
+    ``name`` and ``value`` are ``None`` for a rejected record, whose field and
+    reason are in ``rejected_field`` / ``rejected_reason``; ``observed_at`` is
+    ``None`` when the record has no timestamp of its own (ingestion time is used).
+    """
+
+    content_hash: list[bytes] = field(default_factory=list)
+    payload: list[str] = field(default_factory=list)
+    name: list[str | None] = field(default_factory=list)
+    value: list[float | None] = field(default_factory=list)
+    observed_at: list[datetime | None] = field(default_factory=list)
+    record_id: list[str | None] = field(default_factory=list)
+    rejected_field: list[str | None] = field(default_factory=list)
+    rejected_reason: list[str | None] = field(default_factory=list)
+
+
+def _write_batch_sql(table: str) -> str:
+    # One round trip for the whole batch: the raw insert's RETURNING feeds the
+    # rejections and the unified upsert inside the statement, so no per-record
+    # data travels back to Python. DISTINCT ON keeps one row per name (the
+    # batch's winner), because an upsert may not touch a row twice.
+    return f"""
+WITH input AS (
+    SELECT * FROM unnest($3::bytea[], $4::text[], $5::text[], $6::float8[],
+                         $7::timestamptz[], $8::text[], $9::text[], $10::text[])
+        WITH ORDINALITY AS t(h, p, name, value, observed_at, record_id, rej_field,
+                             rej_reason, n)
+),
+ins AS (
+    INSERT INTO {table} (source, run_id, content_hash, payload, ingested_at)
+    SELECT $1, $2, h, p::jsonb, $11 FROM input ORDER BY n
+    ON CONFLICT (source, content_hash) DO NOTHING
+    RETURNING id, content_hash
+),
+fresh AS (
+    SELECT i.*, ins.id AS raw_id FROM ins JOIN input i ON i.h = ins.content_hash
+),
+rej AS (
+    INSERT INTO etl_rejections (run_id, source, raw_table, raw_id, field, reason)
+    SELECT $2, $1, '{table}', raw_id, rej_field, rej_reason FROM fresh
+    WHERE rej_field IS NOT NULL
+    ORDER BY raw_id
+    RETURNING 1
+),
+best AS (
+    SELECT DISTINCT ON (name) name, value, coalesce(observed_at, $11) AS observed_at,
+        raw_id, record_id
+    FROM fresh WHERE rej_field IS NULL
+    ORDER BY name, coalesce(observed_at, $11) DESC, raw_id DESC
+),
+up AS (
+    INSERT INTO unified_data AS u
+        (name, value, source, observed_at, ingested_at, priority, raw_id, source_record_id,
+         run_id, updated_at)
+    SELECT name, value, $1, observed_at, $11, $12, raw_id, record_id, $2, now() FROM best
+    ON CONFLICT (name) DO UPDATE SET
+        value = excluded.value, source = excluded.source, observed_at = excluded.observed_at,
+        ingested_at = excluded.ingested_at, priority = excluded.priority,
+        raw_id = excluded.raw_id, source_record_id = excluded.source_record_id,
+        run_id = excluded.run_id, updated_at = now()
+    WHERE (excluded.observed_at, -excluded.priority, excluded.raw_id)
+        > (u.observed_at, -u.priority, u.raw_id)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ins) AS inserted,
+       (SELECT count(*) FROM rej) AS rejected,
+       (SELECT count(*) FROM up) AS upserted
+"""
+
+
+async def write_batch(
+    conn: Conn,
+    table: str,
+    cols: BatchColumns,
+    *,
+    source: str,
+    priority: int,
+    run_id: uuid.UUID,
+    ingested_at: datetime,
+) -> tuple[int, int, int]:
+    """Store a batch's new raw records, their rejections and the unified winners.
+
+    Returns:
+        ``(raw_inserted, rejected, unified_upserted)``.
+    """
+    if not cols.content_hash:
+        return 0, 0, 0
+    row = await conn.fetchrow(
+        _write_batch_sql(table),
+        source,
+        run_id,
+        cols.content_hash,
+        cols.payload,
+        cols.name,
+        cols.value,
+        cols.observed_at,
+        cols.record_id,
+        cols.rejected_field,
+        cols.rejected_reason,
+        ingested_at,
+        priority,
+    )
+    assert row is not None
+    return int(row["inserted"]), int(row["rejected"]), int(row["upserted"])
+
+
 def winners(rows: Sequence[UnifiedRow]) -> list[UnifiedRow]:
     """One row per name: PostgreSQL refuses to upsert the same key twice in a statement.
 
@@ -145,18 +253,18 @@ async def insert_raw(
     table: str,
     source: str,
     run_id: uuid.UUID,
-    records: Sequence[RawRecord],
+    cols: BatchColumns,
     ingested_at: datetime,
 ) -> dict[bytes, int]:
-    """Store new records; returns the raw id of each newly stored content hash."""
-    if not records:
+    """Store new records only; returns the raw id of each newly stored content hash."""
+    if not cols.content_hash:
         return {}
     rows = await conn.fetch(
         _raw_insert_sql(table),
         source,
         run_id,
-        [r.content_hash for r in records],
-        [r.data.decode() for r in records],
+        cols.content_hash,
+        cols.payload,
         ingested_at,
     )
     return {row["content_hash"]: row["id"] for row in rows}

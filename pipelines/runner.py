@@ -22,11 +22,11 @@ import structlog
 
 from observability.metrics import Metrics
 from persistence import batches, runs
-from persistence.batches import BatchCounts, RejectedRow, UnifiedRow
+from persistence.batches import BatchColumns, BatchCounts, RejectedRow, UnifiedRow
 from pipelines.config import FieldMapping, SourceConfig
 from pipelines.drift import DriftOutcome, detect_drift
 from pipelines.errors import InjectedFailure, SourceError
-from pipelines.records import Chunk
+from pipelines.records import Chunk, RawRecord
 from pipelines.settings import Settings
 from pipelines.sources.files import read_csv, read_json
 from pipelines.transform import Rejection, Unified, lookup, transform
@@ -68,7 +68,7 @@ class _Prepared:
 
     chunk: Chunk
     outcome: DriftOutcome
-    results: list[Evaluated]
+    columns: BatchColumns
 
 
 @dataclass(slots=True)
@@ -373,40 +373,30 @@ class Runner:
                 new_events.append(event.to_dict())
         ingested_at = datetime.now(UTC)
         counts = BatchCounts(fetched=len(chunk.records))
-        unique: dict[bytes, int] = {}
-        for index, record in enumerate(chunk.records):
-            unique.setdefault(record.content_hash, index)
+        cols = prepared.columns
         async with self.pool.acquire() as conn, conn.transaction():
-            inserted = await batches.insert_raw(
-                conn,
-                source.raw_table,
-                source.name,
-                run_id,
-                [chunk.records[i] for i in unique.values()],
-                ingested_at,
-            )
-            counts.raw_inserted = len(inserted)
-            counts.duplicates = counts.fetched - counts.raw_inserted
-            await batches.insert_drift(conn, run_id, source.name, new_events)
             if outcome.error is None:
-                unified, rejected = plan_rows(
-                    (
-                        (inserted[r.content_hash], result, ingested_at, run_id)
-                        for r, result in zip(chunk.records, prepared.results, strict=True)
-                        if r.content_hash in inserted
-                    ),
-                )
-                counts.rejected = len(rejected)
-                await batches.insert_rejections(
-                    conn, rejected, run_id=run_id, source=source.name, raw_table=source.raw_table
-                )
-                counts.unified_upserted = await batches.upsert_unified(
+                inserted, rejected, upserted = await batches.write_batch(
                     conn,
-                    unified,
+                    source.raw_table,
+                    cols,
                     source=source.name,
                     priority=source.priority,
+                    run_id=run_id,
+                    ingested_at=ingested_at,
                 )
+                counts.rejected = rejected
+                counts.unified_upserted = upserted
                 await batches.save_checkpoint(conn, source.name, chunk.cursor, outcome.schema)
+            else:
+                # The raw records are kept; nothing else of this batch moves forward.
+                stored = await batches.insert_raw(
+                    conn, source.raw_table, source.name, run_id, cols, ingested_at
+                )
+                inserted = len(stored)
+            counts.raw_inserted = inserted
+            counts.duplicates = counts.fetched - inserted
+            await batches.insert_drift(conn, run_id, source.name, new_events)
             await batches.add_counts(conn, run_id, source.name, counts)
         state.drift.extend(new_events)
         for drift_event in new_events:
@@ -432,10 +422,34 @@ class Runner:
 
 
 def _prepare(source: SourceConfig, chunk: Chunk, schema: dict[str, str] | None) -> _Prepared:
-    payloads = [r.payload for r in chunk.records]
+    # Identical records within a chunk are one record (the later copies are duplicates).
+    distinct: dict[bytes, RawRecord] = {}
+    for record in chunk.records:
+        distinct.setdefault(record.content_hash, record)
+    records = list(distinct.values())
+    payloads = [r.payload for r in records]
     outcome = detect_drift(source, payloads, schema)
-    results = [] if outcome.error is not None else evaluate(payloads, outcome.mapping)
-    return _Prepared(chunk, outcome, results)
+    cols = BatchColumns(
+        content_hash=[r.content_hash for r in records],
+        payload=[r.data.decode() for r in records],
+    )
+    if outcome.error is None:
+        for result, record_id in evaluate(payloads, outcome.mapping):
+            if isinstance(result, Rejection):
+                cols.name.append(None)
+                cols.value.append(None)
+                cols.observed_at.append(None)
+                cols.record_id.append(None)
+                cols.rejected_field.append(result.field)
+                cols.rejected_reason.append(result.reason)
+            else:
+                cols.name.append(result.name)
+                cols.value.append(result.value)
+                cols.observed_at.append(result.observed_at)
+                cols.record_id.append(record_id)
+                cols.rejected_field.append(None)
+                cols.rejected_reason.append(None)
+    return _Prepared(chunk, outcome, cols)
 
 
 def evaluate(payloads: Sequence[Any], mapping: FieldMapping) -> list[Evaluated]:
