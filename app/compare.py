@@ -46,9 +46,7 @@ def _delta(a: SourceRun | None, b: SourceRun | None) -> Counts:
         return 0 if run is None else int(getattr(run, key))
 
     durations = [r.duration_seconds if r is not None else 0.0 for r in (a, b)]
-    duration = (
-        None if durations[0] is None or durations[1] is None else durations[1] - durations[0]
-    )
+    duration = None if durations[0] is None or durations[1] is None else durations[1] - durations[0]
     fetched, raw, dup, rej, uni = (value(b, k) - value(a, k) for k in _COUNTS)
     return Counts(fetched, raw, dup, rej, uni, _round(duration))
 

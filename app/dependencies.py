@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import TypeAlias, cast
 
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 
 from app.service import Service
+
+ServiceDep: TypeAlias = NamedDependency[Service]
+"""A handler parameter named ``service`` receives the app's :class:`Service`."""
 
 
 def provide_service(state: State) -> Service:

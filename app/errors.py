@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import asyncpg
@@ -30,9 +31,16 @@ def _json(body: ErrorBody, headers: dict[str, str] | None = None) -> Response[Er
     )
 
 
+_MISSING = re.compile(r"Missing required (\w+) parameter '([^']+)'")
+
+
 def validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[ErrorBody]:
     """400 naming each offending parameter in ``detail`` and, with the reason, in ``extra``."""
     extra = exc.extra if isinstance(exc.extra, list) else []
+    missing = _MISSING.match(exc.detail or "")
+    if missing and not extra:
+        # Litestar's own message repeats the request's URL; name the parameter only.
+        extra = [{"message": "required", "key": missing[2], "source": missing[1]}]
     keys = [str(e["key"]) for e in extra if isinstance(e, dict) and e.get("key")]
     if keys:
         detail = "Invalid parameter: " + ", ".join(dict.fromkeys(keys))
@@ -56,9 +64,7 @@ def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorB
 def database_unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     """503 while the database cannot be reached; the next request may succeed."""
     log.warning("database_unavailable", error=f"{type(exc).__name__}: {exc}"[:300])
-    return _json(
-        ErrorBody(status_code=HTTP_503_SERVICE_UNAVAILABLE, detail="Database unavailable")
-    )
+    return _json(ErrorBody(status_code=HTTP_503_SERVICE_UNAVAILABLE, detail="Database unavailable"))
 
 
 def internal_error(_: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:

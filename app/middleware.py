@@ -70,9 +70,7 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [
-                    (k, v) for k, v in message.get("headers", ()) if k.lower() != header[0]
-                ]
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != header[0]]
                 headers.append(header)
                 message["headers"] = headers
             await send(message)

@@ -60,8 +60,9 @@ def create_app(
 
     Args:
         settings: the service settings (``api_keys`` are the accepted ``x-api-key`` values).
-        pool: an open pool to use and leave open (tests); by default the lifespan
-            opens one on ``settings.database_url`` or the embedded server.
+        pool: an open pool to use and leave open; it must belong to the event loop
+            the app will run in. By default the lifespan opens its own pools on
+            ``settings.database_url`` (or the embedded server) in that loop.
         metrics: the metrics to update and serve; a fresh registry by default.
         runner: the run executor of the ingestion loop; the pipeline's runner by default.
         sources: the declared sources; read from ``settings.sources_file`` by default.
@@ -183,9 +184,7 @@ def run_server(settings: Settings, host: str, port: int) -> int:
             raise ConfigError("API_KEY: must be set when APP_ENV=production")
         generated = secrets.token_urlsafe(32)
         keys = (generated,)
-    settings = dataclasses.replace(
-        settings, database_url=url, api_keys=keys, host=host, port=port
-    )
+    settings = dataclasses.replace(settings, database_url=url, api_keys=keys, host=host, port=port)
     app = create_app(settings)
     sock = _bind(host, port)
     bound_port = int(sock.getsockname()[1])

@@ -11,14 +11,17 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-import asyncpg
 import msgspec
-from asyncpg.pool import PoolConnectionProxy
 
-Executor = asyncpg.Pool[Any] | asyncpg.Connection[Any] | PoolConnectionProxy[Any]
-Connection = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+if TYPE_CHECKING:
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+
+    # Generic only in the stubs: these aliases exist for the type checker alone.
+    Connection: TypeAlias = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+    Executor: TypeAlias = asyncpg.Pool[Any] | Connection
 
 #: Upper bound of a read query; the API answers 503 rather than hang on a stuck database.
 READ_TIMEOUT_SECONDS = 10.0

@@ -7,12 +7,12 @@ from typing import Annotated
 
 from litestar import Controller, Request, get
 from litestar.exceptions import ValidationException
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 
+from app.dependencies import ServiceDep
 from app.pagination import CursorError, decode_cursor, encode_cursor
 from app.schemas import DataItem, DataPage, Meta, Pagination, SourceStats, Stats
 from app.security import SECURITY_SCHEME, api_key_guard
-from app.service import Service
 from persistence import reads
 from pipelines.transform import canonical_name
 
@@ -40,20 +40,20 @@ class DataController(Controller):
     async def list_data(
         self,
         request: Request,  # type: ignore[type-arg]
-        service: Service,
-        limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size.")] = 100,
+        service: ServiceDep,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000, description="Page size.")] = 100,
         offset: Annotated[
-            int, Parameter(ge=0, le=MAX_OFFSET, description="Rows to skip (0 with a cursor).")
+            int, QueryParameter(ge=0, le=MAX_OFFSET, description="Rows to skip (0 with a cursor).")
         ] = 0,
         source: Annotated[
-            str | None, Parameter(description="Keep rows won by this source.")
+            str | None, QueryParameter(description="Keep rows won by this source.")
         ] = None,
         name: Annotated[
             str | None,
-            Parameter(description="Canonical name; normalised like stored names."),
+            QueryParameter(description="Canonical name; normalised like stored names."),
         ] = None,
         cursor: Annotated[
-            str | None, Parameter(description="Opaque, from a previous next_cursor.")
+            str | None, QueryParameter(description="Opaque, from a previous next_cursor.")
         ] = None,
     ) -> DataPage:
         """A page of ``unified_data``; follow ``next_cursor`` to read every row once."""
@@ -79,9 +79,7 @@ class DataController(Controller):
         next_cursor = encode_cursor(rows[-1].name) if len(page.rows) > limit else None
         started: float = request.state.started
         return DataPage(
-            data=[
-                DataItem(r.name, r.value, r.source, r.observed_at, r.ingested_at) for r in rows
-            ],
+            data=[DataItem(r.name, r.value, r.source, r.observed_at, r.ingested_at) for r in rows],
             pagination=Pagination(
                 limit=limit, offset=offset, total=page.total, next_cursor=next_cursor
             ),
@@ -92,7 +90,7 @@ class DataController(Controller):
         )
 
     @get("/stats", operation_id="stats", summary="Run totals and per-source state")
-    async def stats(self, service: Service) -> Stats:
+    async def stats(self, service: ServiceDep) -> Stats:
         """Totals over every run, and each declared source's last outcome and checkpoint."""
         async with service.read_pool.acquire() as conn:
             found = await reads.stats(conn, service.source_names)

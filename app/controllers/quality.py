@@ -6,11 +6,11 @@ import uuid
 from typing import Annotated
 
 from litestar import Controller, get
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 
+from app.dependencies import ServiceDep
 from app.schemas import Rejection, RejectionList, RejectionPagination
 from app.security import SECURITY_SCHEME, api_key_guard
-from app.service import Service
 from persistence import reads
 
 
@@ -22,12 +22,12 @@ class QualityController(Controller):
     @get("/rejections", operation_id="listRejections", summary="Rejected records and why")
     async def list_rejections(
         self,
-        service: Service,
-        run_id: Annotated[uuid.UUID | None, Parameter(description="Only this run.")] = None,
-        source: Annotated[str | None, Parameter(description="Only this source.")] = None,
-        limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size.")] = 100,
+        service: ServiceDep,
+        run_id: Annotated[uuid.UUID | None, QueryParameter(description="Only this run.")] = None,
+        source: Annotated[str | None, QueryParameter(description="Only this source.")] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000, description="Page size.")] = 100,
         after: Annotated[
-            int, Parameter(ge=0, le=2**62, description="Rejection id to continue after.")
+            int, QueryParameter(ge=0, le=2**62, description="Rejection id to continue after.")
         ] = 0,
     ) -> RejectionList:
         """Each rejection with the field, the reason and the raw record as stored."""

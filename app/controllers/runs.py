@@ -8,12 +8,12 @@ from typing import Annotated
 import msgspec
 from litestar import Controller, get
 from litestar.exceptions import NotFoundException
-from litestar.params import Parameter
+from litestar.params import FromPath, QueryParameter
 
 from app.compare import MEDIAN_WINDOW, compare_runs
+from app.dependencies import ServiceDep
 from app.schemas import Comparison, Run, RunList
 from app.security import SECURITY_SCHEME, api_key_guard
-from app.service import Service
 from persistence import reads, runs
 
 
@@ -25,14 +25,14 @@ class RunsController(Controller):
     @get("/runs", operation_id="listRuns", summary="Runs, newest first")
     async def list_runs(
         self,
-        service: Service,
-        limit: Annotated[int, Parameter(ge=1, le=100, description="How many runs.")] = 20,
+        service: ServiceDep,
+        limit: Annotated[int, QueryParameter(ge=1, le=100, description="How many runs.")] = 20,
     ) -> RunList:
         found = await runs.list_runs(service.read_pool, limit)
         return RunList(data=msgspec.convert(found, list[Run]))
 
     @get("/runs/{run_id:uuid}", operation_id="getRun", summary="One run")
-    async def get_run(self, service: Service, run_id: uuid.UUID) -> Run:
+    async def get_run(self, service: ServiceDep, run_id: FromPath[uuid.UUID]) -> Run:
         """404 when no run has this id (a malformed id is 404 too)."""
         found = await runs.get_run(service.read_pool, run_id)
         if found is None:
@@ -46,9 +46,9 @@ class RunsController(Controller):
     )
     async def compare(
         self,
-        service: Service,
-        a: Annotated[uuid.UUID, Parameter(description="The reference run.")],
-        b: Annotated[uuid.UUID, Parameter(description="The run under inspection.")],
+        service: ServiceDep,
+        a: Annotated[uuid.UUID, QueryParameter(description="The reference run.")],
+        b: Annotated[uuid.UUID, QueryParameter(description="The run under inspection.")],
     ) -> Comparison:
         """Per-source deltas ``b - a`` and flagged anomalies, each naming its rule.
 

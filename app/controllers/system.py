@@ -7,18 +7,19 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 from prometheus_client import generate_latest
 
+from app.dependencies import ServiceDep
 from app.schemas import Health, Root
-from app.service import Service
 
-#: The text exposition format 0.0.4, which every Prometheus scraper reads.
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: The text exposition format 0.0.4, which every Prometheus scraper reads
+#: (Litestar appends ``; charset=utf-8``).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
 
 class SystemController(Controller):
     tags = ("system",)
 
     @get("/", operation_id="root", summary="The service is running")
-    async def root(self, service: Service) -> Root:
+    async def root(self, service: ServiceDep) -> Root:
         """Answers whenever the process is up, whatever the state of the database."""
         return Root(
             status="running",
@@ -38,7 +39,7 @@ class SystemController(Controller):
             )
         },
     )
-    async def health(self, service: Service) -> Response[Health]:
+    async def health(self, service: ServiceDep) -> Response[Health]:
         """200 when the database answers within a second, else 503 ``degraded``.
 
         ``last_etl`` is ``running`` while this process runs ETL, else the newest run's
@@ -60,9 +61,7 @@ class SystemController(Controller):
             etl_loop_error=loop.last_error,
             db_latency_ms=check.latency_ms,
         )
-        return Response(
-            body, status_code=HTTP_200_OK if check.ok else HTTP_503_SERVICE_UNAVAILABLE
-        )
+        return Response(body, status_code=HTTP_200_OK if check.ok else HTTP_503_SERVICE_UNAVAILABLE)
 
     @get(
         "/metrics",
@@ -70,8 +69,6 @@ class SystemController(Controller):
         summary="Prometheus metrics",
         media_type=MediaType.TEXT,
     )
-    async def metrics(self, service: Service) -> Response[bytes]:
+    async def metrics(self, service: ServiceDep) -> Response[bytes]:
         """Prometheus text exposition format of this process's registry."""
-        return Response(
-            generate_latest(service.metrics.registry), media_type=METRICS_CONTENT_TYPE
-        )
+        return Response(generate_latest(service.metrics.registry), media_type=METRICS_CONTENT_TYPE)
