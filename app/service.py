@@ -108,6 +108,11 @@ class Service:
     async def __aenter__(self) -> Service:
         try:
             await self._open_pools()
+            # Runs left `running` by a crashed process are closed at start, even
+            # when no run is due soon (ETL_ON_STARTUP=false).
+            async with self.pool.acquire() as conn:
+                for run_id in await runs.close_interrupted_runs(conn):
+                    log.warning("run_interrupted_closed", closed_run_id=str(run_id))
             runner = self._given_runner or Runner(
                 self.pool, self.settings, self.sources, self.metrics
             )
