@@ -146,10 +146,12 @@ class BatchColumns:
 
 
 def _write_batch_sql(table: str) -> str:
-    # One round trip for the whole batch: the raw insert's RETURNING feeds the
-    # rejections and the unified upsert inside the statement, so no per-record
-    # data travels back to Python. DISTINCT ON keeps one row per name (the
-    # batch's winner), because an upsert may not touch a row twice.
+    # The whole batch is ONE statement, hence one implicit transaction and one
+    # round trip: the raw insert's RETURNING feeds the rejections and the unified
+    # upsert, and the checkpoint and run counters move in the same statement.
+    # Data-modifying CTEs always run to completion, referenced or not.
+    # DISTINCT ON keeps one row per name (the batch's winner), because an upsert
+    # may not touch a row twice.
     return f"""
 WITH input AS (
     SELECT * FROM unnest($3::bytea[], $4::text[], $5::text[], $6::float8[],
@@ -192,10 +194,34 @@ up AS (
     WHERE (excluded.observed_at, -excluded.priority, excluded.raw_id)
         > (u.observed_at, -u.priority, u.raw_id)
     RETURNING 1
+),
+counted AS (
+    SELECT (SELECT count(*) FROM ins) AS inserted,
+           (SELECT count(*) FROM rej) AS rejected,
+           (SELECT count(*) FROM up) AS upserted
+),
+checkpoint AS (
+    INSERT INTO etl_checkpoint (source, cursor, schema, updated_at)
+    VALUES ($1, $14::jsonb, $15::jsonb, now())
+    ON CONFLICT (source) DO UPDATE SET
+        cursor = excluded.cursor, schema = coalesce(excluded.schema, etl_checkpoint.schema),
+        updated_at = now()
+),
+drift AS (
+    INSERT INTO etl_drift_events (run_id, source, kind, field, new_field, confidence, detail)
+    SELECT $2, $1, d.kind, d.field, d.new_field, d.confidence, d.detail
+    FROM unnest($16::text[], $17::text[], $18::text[], $19::float8[], $20::text[])
+        AS d(kind, field, new_field, confidence, detail)
+),
+counters AS (
+    UPDATE etl_run_sources AS r SET
+        fetched = r.fetched + $13, raw_inserted = r.raw_inserted + c.inserted,
+        duplicates = r.duplicates + ($13 - c.inserted), rejected = r.rejected + c.rejected,
+        unified_upserted = r.unified_upserted + c.upserted
+    FROM counted c
+    WHERE r.run_id = $2 AND r.source = $1
 )
-SELECT (SELECT count(*) FROM ins) AS inserted,
-       (SELECT count(*) FROM rej) AS rejected,
-       (SELECT count(*) FROM up) AS upserted
+SELECT inserted, rejected, upserted FROM counted
 """
 
 
@@ -208,14 +234,21 @@ async def write_batch(
     priority: int,
     run_id: uuid.UUID,
     ingested_at: datetime,
+    fetched: int,
+    cursor: dict[str, Any],
+    schema: dict[str, str] | None,
+    drift: Sequence[dict[str, Any]] = (),
 ) -> tuple[int, int, int]:
-    """Store a batch's new raw records, their rejections and the unified winners.
+    """Commit one batch: new raw records, rejections, unified winners, checkpoint,
+    drift events and run counters, atomically (a single statement).
+
+    Args:
+        fetched: records the source emitted for this batch, within-batch
+            repeats included (they count as duplicates).
 
     Returns:
         ``(raw_inserted, rejected, unified_upserted)``.
     """
-    if not cols.content_hash:
-        return 0, 0, 0
     row = await conn.fetchrow(
         _write_batch_sql(table),
         source,
@@ -230,6 +263,14 @@ async def write_batch(
         cols.rejected_reason,
         ingested_at,
         priority,
+        fetched,
+        _json.encode(cursor).decode(),
+        None if schema is None else _json.encode(schema).decode(),
+        [e["kind"] for e in drift],
+        [e["field"] for e in drift],
+        [e.get("new_field") for e in drift],
+        [e.get("confidence") for e in drift],
+        [e.get("detail", "") for e in drift],
     )
     assert row is not None
     return int(row["inserted"]), int(row["rejected"]), int(row["upserted"])

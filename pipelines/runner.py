@@ -374,9 +374,9 @@ class Runner:
         ingested_at = datetime.now(UTC)
         counts = BatchCounts(fetched=len(chunk.records))
         cols = prepared.columns
-        async with self.pool.acquire() as conn, conn.transaction():
-            if outcome.error is None:
-                inserted, rejected, upserted = await batches.write_batch(
+        if outcome.error is None:
+            async with self.pool.acquire() as conn:
+                inserted, counts.rejected, counts.unified_upserted = await batches.write_batch(
                     conn,
                     source.raw_table,
                     cols,
@@ -384,20 +384,23 @@ class Runner:
                     priority=source.priority,
                     run_id=run_id,
                     ingested_at=ingested_at,
+                    fetched=counts.fetched,
+                    cursor=chunk.cursor,
+                    schema=outcome.schema,
+                    drift=new_events,
                 )
-                counts.rejected = rejected
-                counts.unified_upserted = upserted
-                await batches.save_checkpoint(conn, source.name, chunk.cursor, outcome.schema)
-            else:
-                # The raw records are kept; nothing else of this batch moves forward.
+            counts.raw_inserted = inserted
+            counts.duplicates = counts.fetched - inserted
+        else:
+            # The raw records are kept; nothing else of this batch moves forward.
+            async with self.pool.acquire() as conn, conn.transaction():
                 stored = await batches.insert_raw(
                     conn, source.raw_table, source.name, run_id, cols, ingested_at
                 )
-                inserted = len(stored)
-            counts.raw_inserted = inserted
-            counts.duplicates = counts.fetched - inserted
-            await batches.insert_drift(conn, run_id, source.name, new_events)
-            await batches.add_counts(conn, run_id, source.name, counts)
+                counts.raw_inserted = len(stored)
+                counts.duplicates = counts.fetched - counts.raw_inserted
+                await batches.insert_drift(conn, run_id, source.name, new_events)
+                await batches.add_counts(conn, run_id, source.name, counts)
         state.drift.extend(new_events)
         for drift_event in new_events:
             self.metrics.drift.labels(source=source.name, kind=drift_event["kind"]).inc()

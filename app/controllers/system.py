@@ -52,7 +52,8 @@ class SystemController(Controller):
         elif check.ok:
             last = check.last_status or "never"
         else:
-            last = loop.last_status or "unknown"
+            # The database cannot say; report what this process last saw.
+            last = loop.last_status or "never"
         body = Health(
             status="ok" if check.ok else "degraded",
             db="ok" if check.ok else "down",
