@@ -51,6 +51,12 @@ async def reprocess(
             rows: list[tuple[int, Any, Any, Any]] = []
             cursor = conn.cursor(_raw_rows_sql(source.raw_table), source.name, prefetch=batch_size)
             async for record in cursor:
+                if rows and rows[-1][3] != record["run_id"]:
+                    # Drift is judged per run as ingestion did: a batch mixing records
+                    # from before and after a followed rename would reject the newer.
+                    written_now, schema = await _apply(conn, source, rows, schema, mapping)
+                    total += written_now
+                    rows = []
                 rows.append(
                     (
                         record["id"],
@@ -60,12 +66,13 @@ async def reprocess(
                     )
                 )
                 if len(rows) >= batch_size:
-                    total += await _apply(conn, source, rows, schema, mapping)
+                    written_now, schema = await _apply(conn, source, rows, schema, mapping)
+                    total += written_now
                     rows = []
                     if progress is not None:
                         progress(source.name, total)
             if rows:
-                total += await _apply(conn, source, rows, schema, mapping)
+                total += (await _apply(conn, source, rows, schema, mapping))[0]
             written[source.name] = total
             if progress is not None:
                 progress(source.name, total)
@@ -78,7 +85,8 @@ async def _apply(
     rows: list[tuple[int, Any, Any, Any]],
     schema: dict[str, str] | None,
     mapping: Any,
-) -> int:
+) -> tuple[int, dict[str, str] | None]:
+    """Upsert one batch; returns the rows written and the schema to judge the next by."""
     payloads = [r[1] for r in rows]
     outcome = detect_drift(source, payloads, schema)
     evaluated = evaluate(payloads, outcome.mapping)
@@ -86,4 +94,7 @@ async def _apply(
         (raw_id, result, ingested_at, run_id)
         for (raw_id, _, ingested_at, run_id), result in zip(rows, evaluated, strict=True)
     )
-    return await batches.upsert_unified(conn, unified, source=source.name, priority=source.priority)
+    written = await batches.upsert_unified(
+        conn, unified, source=source.name, priority=source.priority
+    )
+    return written, outcome.schema

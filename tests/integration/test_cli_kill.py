@@ -1,0 +1,107 @@
+"""SIGKILL in the middle of a large CSV, then run again (acceptance 6 of issue 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.helpers import (
+    REPO_ROOT,
+    checkpoint,
+    cli_env,
+    count,
+    csv_entry,
+    kasparro_command,
+    row_end_offsets,
+    run_cli,
+    wait_for,
+    write_sources,
+)
+
+ROWS = 300_000
+
+
+def write_large_csv(path: Path) -> None:
+    lines = ["name,value,updated_at\n"]
+    lines.extend(
+        f"coin {i},{i % 997}.{i % 89},2026-05-{1 + i % 28:02d}T{i % 24:02d}:{i % 60:02d}:00Z\n"
+        for i in range(ROWS)
+    )
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+@pytest.mark.timeout(240)
+async def test_killed_run_is_closed_as_interrupted_and_the_rerun_stores_each_record_once(
+    database_url: str, pool: asyncpg.Pool[Any], tmp_path: Path
+) -> None:
+    data = tmp_path / "large.csv"
+    write_large_csv(data)
+    env = cli_env(database_url, write_sources(tmp_path, csv_entry(data)), ETL_BATCH_SIZE=2000)
+
+    with (tmp_path / "killed.out").open("wb") as out, (tmp_path / "killed.err").open("wb") as err:
+        victim = await asyncio.create_subprocess_exec(
+            *kasparro_command("etl", "run"), cwd=REPO_ROOT, env=env, stdout=out, stderr=err
+        )
+        try:
+
+            async def committed_some() -> bool:
+                assert victim.returncode is None, "the run finished before it could be killed"
+                return await count(pool, "raw_csv_data") > 0
+
+            await wait_for(committed_some, within=60, interval=0.005)
+        finally:
+            if victim.returncode is None:
+                victim.kill()
+            await asyncio.wait_for(victim.wait(), 30)
+    assert victim.returncode == -9
+
+    stored = await count(pool, "raw_csv_data")
+    assert 0 < stored < ROWS
+    assert await pool.fetchval("SELECT count(*) FROM etl_runs WHERE status = 'running'") == 1
+    # What committed is exactly what the checkpoint covers: no more, no less.
+    cursor = await checkpoint(pool, "csv")
+    assert cursor is not None
+    ends = row_end_offsets(data)
+    assert cursor["offset"] == ends[stored - 1]
+
+    # The server notices the dead client and drops its session, and with it the
+    # advisory locks the run held (that is how the next start knows it died).
+    async def locks_released() -> bool:
+        held: int = await pool.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+            "WHERE l.locktype = 'advisory' AND d.datname = current_database()"
+        )
+        return held == 0
+
+    await wait_for(locks_released, within=30)
+
+    rerun = await asyncio.to_thread(run_cli, "etl", "run", "--json", env=env, timeout=180)
+
+    assert rerun.returncode == 0, rerun.stderr
+    run = json.loads(rerun.stdout)
+    csv = run["sources"]["csv"]
+    assert (csv["fetched"], csv["raw_inserted"], csv["duplicates"]) == (
+        ROWS - stored,
+        ROWS - stored,
+        0,
+    )
+    assert await count(pool, "raw_csv_data") == ROWS
+    assert await pool.fetchval("SELECT count(DISTINCT payload->>'name') FROM raw_csv_data") == ROWS
+    assert (await checkpoint(pool, "csv") or {})["offset"] == data.stat().st_size
+    runs = await pool.fetch("SELECT id::text AS id, status, error FROM etl_runs")
+    assert len(runs) == 2
+    killed = [r for r in runs if r["id"] != run["id"]]
+    assert [(r["status"], r["error"]) for r in killed] == [("failed", "interrupted")]
+    assert await pool.fetchval("SELECT count(*) FROM etl_run_sources WHERE status = 'running'") == 0
+    assert (
+        await pool.fetchval(
+            "SELECT error FROM etl_run_sources WHERE run_id = $1::uuid", killed[0]["id"]
+        )
+        == "interrupted"
+    )
+    assert await count(pool, "unified_data") == ROWS

@@ -1,0 +1,59 @@
+"""``reprocess`` rebuilds exactly what ingestion built, across runs and a followed rename."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from pipelines.config import load_sources
+from pipelines.reprocess import reprocess
+from tests.helpers import (
+    coin,
+    csv_entry,
+    csv_rows,
+    json_entry,
+    make_settings,
+    run_etl,
+    unified_rows,
+    write_csv,
+    write_json_array,
+    write_sources,
+)
+
+
+def without_updated_at(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # updated_at records when the row was last written, and reprocess writes every row.
+    return [{k: v for k, v in row.items() if k != "updated_at"} for row in rows]
+
+
+async def test_reprocess_follows_a_rename_that_ingestion_followed(
+    pool: asyncpg.Pool[Any], tmp_path: Path
+) -> None:
+    path = tmp_path / "coins.json"
+    old = [coin(f"Coin {i}", 1.0 + i, f"2026-01-01T00:00:0{i}Z") for i in range(3)]
+    write_json_array(path, old)
+    write_csv(tmp_path / "prices.csv", csv_rows(4, prefix="csv coin"))
+    settings = make_settings(write_sources(tmp_path, json_entry(path), csv_entry("prices.csv")))
+    await run_etl(pool, settings)
+
+    # The upstream renames its price field; evolve follows the rename.
+    renamed = []
+    for i in range(3, 6):
+        item = coin(f"Coin {i}", 1.0 + i, f"2026-01-02T00:00:0{i}Z")
+        item["current_price_usd"] = item.pop("current_price")
+        renamed.append(item)
+    write_json_array(path, [*old, *renamed])
+    run = await run_etl(pool, settings)
+    json_counts = run["sources"]["json"]
+    assert (json_counts["raw_inserted"], json_counts["rejected"]) == (3, 0)
+    assert [e["kind"] for e in json_counts["drift"]] == ["renamed"]
+    before = await unified_rows(pool)
+    assert len(before) == 10
+
+    await pool.execute("DELETE FROM unified_data")
+    written = await reprocess(pool, load_sources(settings))
+
+    assert written == {"json": 6, "csv": 4}
+    assert without_updated_at(await unified_rows(pool)) == without_updated_at(before)
