@@ -33,13 +33,6 @@ class UnifiedRow:
 
 
 @dataclass(slots=True)
-class RejectedRow:
-    raw_id: int
-    field: str
-    reason: str
-
-
-@dataclass(slots=True)
 class BatchCounts:
     fetched: int = 0
     raw_inserted: int = 0
@@ -53,14 +46,6 @@ class BatchCounts:
         self.duplicates += other.duplicates
         self.rejected += other.rejected
         self.unified_upserted += other.unified_upserted
-
-
-@dataclass(slots=True)
-class BatchPlan:
-    """What the caller decided for the newly inserted records of a batch."""
-
-    unified: list[UnifiedRow] = field(default_factory=list)
-    rejected: list[RejectedRow] = field(default_factory=list)
 
 
 def _raw_insert_sql(table: str) -> str:
@@ -95,20 +80,6 @@ ON CONFLICT (name) DO UPDATE SET
 WHERE (excluded.observed_at, -excluded.priority, excluded.raw_id)
     > (u.observed_at, -u.priority, u.raw_id)
 RETURNING 1
-"""
-
-INSERT_REJECTIONS = """
-INSERT INTO etl_rejections (run_id, source, raw_table, raw_id, field, reason)
-SELECT $1, $2, $3, t.raw_id, t.field, t.reason
-FROM unnest($4::bigint[], $5::text[], $6::text[]) AS t(raw_id, field, reason)
-"""
-
-SAVE_CHECKPOINT = """
-INSERT INTO etl_checkpoint (source, cursor, schema, updated_at)
-VALUES ($1, $2::jsonb, $3::jsonb, now())
-ON CONFLICT (source) DO UPDATE SET
-    cursor = excluded.cursor, schema = coalesce(excluded.schema, etl_checkpoint.schema),
-    updated_at = now()
 """
 
 ADD_COUNTS = """
@@ -335,40 +306,6 @@ async def upsert_unified(
         [r.run_id for r in best],
     )
     return len(changed)
-
-
-async def insert_rejections(
-    conn: Conn,
-    rows: Sequence[RejectedRow],
-    *,
-    run_id: uuid.UUID,
-    source: str,
-    raw_table: str,
-) -> None:
-    if rows:
-        await conn.execute(
-            INSERT_REJECTIONS,
-            run_id,
-            source,
-            raw_table,
-            [r.raw_id for r in rows],
-            [r.field for r in rows],
-            [r.reason for r in rows],
-        )
-
-
-async def save_checkpoint(
-    conn: Conn,
-    source: str,
-    cursor: dict[str, Any],
-    schema: dict[str, str] | None,
-) -> None:
-    await conn.execute(
-        SAVE_CHECKPOINT,
-        source,
-        _json.encode(cursor).decode(),
-        None if schema is None else _json.encode(schema).decode(),
-    )
 
 
 async def add_counts(conn: Conn, run_id: uuid.UUID, source: str, counts: BatchCounts) -> None:

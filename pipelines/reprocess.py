@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import asyncpg
 import msgspec
 
 from persistence import batches, runs
+from persistence.batches import UnifiedRow
 from persistence.types import Conn
 from pipelines.config import SourceConfig
 from pipelines.drift import detect_drift
-from pipelines.runner import evaluate, plan_rows
+from pipelines.runner import Evaluated, evaluate
+from pipelines.transform import Unified
 
 _decoder = msgspec.json.Decoder()
 
@@ -47,14 +49,13 @@ async def reprocess(
         for source in sources:
             total = 0
             schema: dict[str, str] | None = None
-            mapping = source.mapping
             rows: list[tuple[int, Any, Any, Any]] = []
             cursor = conn.cursor(_raw_rows_sql(source.raw_table), source.name, prefetch=batch_size)
             async for record in cursor:
                 if rows and rows[-1][3] != record["run_id"]:
                     # Drift is judged per run as ingestion did: a batch mixing records
                     # from before and after a followed rename would reject the newer.
-                    written_now, schema = await _apply(conn, source, rows, schema, mapping)
+                    written_now, schema = await _apply(conn, source, rows, schema)
                     total += written_now
                     rows = []
                 rows.append(
@@ -66,13 +67,13 @@ async def reprocess(
                     )
                 )
                 if len(rows) >= batch_size:
-                    written_now, schema = await _apply(conn, source, rows, schema, mapping)
+                    written_now, schema = await _apply(conn, source, rows, schema)
                     total += written_now
                     rows = []
                     if progress is not None:
                         progress(source.name, total)
             if rows:
-                total += (await _apply(conn, source, rows, schema, mapping))[0]
+                total += (await _apply(conn, source, rows, schema))[0]
             written[source.name] = total
             if progress is not None:
                 progress(source.name, total)
@@ -84,13 +85,12 @@ async def _apply(
     source: SourceConfig,
     rows: list[tuple[int, Any, Any, Any]],
     schema: dict[str, str] | None,
-    mapping: Any,
 ) -> tuple[int, dict[str, str] | None]:
     """Upsert one batch; returns the rows written and the schema to judge the next by."""
     payloads = [r[1] for r in rows]
     outcome = detect_drift(source, payloads, schema)
     evaluated = evaluate(payloads, outcome.mapping)
-    unified, _ = plan_rows(
+    unified = _unified_rows(
         (raw_id, result, ingested_at, run_id)
         for (raw_id, _, ingested_at, run_id), result in zip(rows, evaluated, strict=True)
     )
@@ -98,3 +98,21 @@ async def _apply(
         conn, unified, source=source.name, priority=source.priority
     )
     return written, outcome.schema
+
+
+def _unified_rows(rows: Iterable[tuple[int, Evaluated, Any, Any]]) -> list[UnifiedRow]:
+    """The valid records as unified rows; as at ingestion, a record without its own
+    timestamp counts as observed when it was ingested. Rejections are already stored."""
+    return [
+        UnifiedRow(
+            result.name,
+            result.value,
+            result.observed_at or ingested_at,
+            raw_id,
+            record_id,
+            ingested_at,
+            run_id,
+        )
+        for raw_id, (result, record_id), ingested_at, run_id in rows
+        if isinstance(result, Unified)
+    ]

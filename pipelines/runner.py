@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +22,7 @@ import structlog
 
 from observability.metrics import Metrics
 from persistence import batches, runs
-from persistence.batches import BatchColumns, BatchCounts, RejectedRow, UnifiedRow
+from persistence.batches import BatchColumns, BatchCounts
 from pipelines.config import FieldMapping, SourceConfig
 from pipelines.drift import DriftOutcome, detect_drift
 from pipelines.errors import InjectedFailure, SourceError
@@ -468,34 +468,3 @@ def evaluate(payloads: Sequence[Any], mapping: FieldMapping) -> list[Evaluated]:
                 record_id = str(found)
         out.append((result, record_id))
     return out
-
-
-def plan_rows(
-    rows: Iterable[tuple[int, Evaluated, datetime, uuid.UUID]],
-) -> tuple[list[UnifiedRow], list[RejectedRow]]:
-    """Unified rows and rejections from ``(raw_id, evaluated, ingested_at, run_id)``.
-
-    A record without its own timestamp is observed when it was ingested.
-    """
-    unified: list[UnifiedRow] = []
-    rejected: list[RejectedRow] = []
-    seen: set[int] = set()
-    for raw_id, (result, record_id), ingested_at, run_id in rows:
-        if raw_id in seen:
-            continue
-        seen.add(raw_id)
-        if isinstance(result, Rejection):
-            rejected.append(RejectedRow(raw_id, result.field, result.reason))
-            continue
-        unified.append(
-            UnifiedRow(
-                result.name,
-                result.value,
-                result.observed_at or ingested_at,
-                raw_id,
-                record_id,
-                ingested_at,
-                run_id,
-            )
-        )
-    return unified, rejected

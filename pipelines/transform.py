@@ -21,6 +21,10 @@ _NUMERIC = re.compile(r"^[+-]?\d+(\.\d+)?([eE][+-]?\d+)?$")
 # Epoch values above this are taken as milliseconds (year 5138 in seconds).
 _EPOCH_MS_THRESHOLD = 1e11
 _ZERO = timedelta(0)
+# A canonical name is the unified table's key: a B-tree entry holds at most ~2700
+# bytes, so a longer name would fail its whole batch. 500 characters of UTF-8 stay
+# within 2000 bytes, far beyond any real asset name.
+MAX_NAME_LENGTH = 500
 
 
 @dataclass(slots=True, frozen=True)
@@ -186,6 +190,8 @@ def transform(record: Any, mapping: FieldMapping) -> Unified | Rejection:
     name = canonical_name(raw_name)
     if not name:
         return Rejection("name", "empty")
+    if len(name) > MAX_NAME_LENGTH:
+        return Rejection("name", f"too long ({len(name)} characters, at most {MAX_NAME_LENGTH})")
     value = parse_value(lookup(record, mapping.value))
     if isinstance(value, str):
         return Rejection("value", value)

@@ -18,6 +18,7 @@ import asyncio
 import csv
 import hashlib
 import json
+import math
 from collections.abc import AsyncIterator, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +36,9 @@ HEAD_BYTES = 4096
 CSV_FIELD_LIMIT = 16 * 1024 * 1024
 
 _json_decoder = msgspec.json.Decoder()
+# What a strict decode can raise on bytes that are not (acceptable) JSON: invalid
+# UTF-8 surfaces as UnicodeDecodeError and deep nesting as RecursionError.
+_STRICT_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 def _decode_line(raw: bytes) -> str:
@@ -98,7 +102,16 @@ def _header(row: list[str] | None) -> list[str] | None:
     if row is None:
         return None
     header = [h.strip() for h in row]
-    return header if any(header) else None
+    if not any(header):
+        return None
+    # A repeated column name would overwrite the first column's value in the
+    # payload; the repeat is keyed by its position instead, so nothing is lost.
+    seen: set[str] = set()
+    for index, key in enumerate(header):
+        if key in seen:
+            header[index] = f"_col{index + 1}"
+        seen.add(header[index])
+    return header
 
 
 def _csv_chunks(path: Path, cursor: Mapping[str, Any] | None, batch_size: int) -> Iterator[Chunk]:
@@ -157,7 +170,7 @@ def _jsonl_chunks(path: Path, cursor: Mapping[str, Any] | None, batch_size: int)
                 continue
             try:
                 payload = _json_decoder.decode(line)
-            except msgspec.DecodeError:
+            except _STRICT_ERRORS:
                 payload = _lenient_json(line)
             records.append(make_record(payload))
             if len(records) >= batch_size:
@@ -174,9 +187,18 @@ def _lenient_json(raw: bytes) -> Any:
     """
     text = _decode_line(raw)
     try:
-        return json.loads(text, parse_constant=str)
-    except ValueError:
+        return json.loads(text, parse_constant=str, parse_float=_float_or_text)
+    except (ValueError, RecursionError):
         return text
+
+
+def _float_or_text(text: str) -> float | str:
+    """A JSON number; one beyond float range (``1e999``) stays the text received.
+
+    Encoding an infinite float would store ``null`` in raw instead of what came in.
+    """
+    value = float(text)
+    return value if math.isfinite(value) else text
 
 
 def _hwm(cursor: Mapping[str, Any] | None) -> datetime | None:
@@ -246,10 +268,12 @@ def _json_array_chunks(
     data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     try:
         document = _json_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except _STRICT_ERRORS as exc:
         try:
-            document = json.loads(_decode_line(data), parse_constant=str)
-        except ValueError:
+            document = json.loads(
+                _decode_line(data), parse_constant=str, parse_float=_float_or_text
+            )
+        except (ValueError, RecursionError):
             raise SourceError(f"malformed JSON in {path.name}: {exc}") from None
     items = _records_of(document, path)
     chunks, seen_max = filter_by_high_water(
@@ -293,14 +317,31 @@ def _json_chunks(
 
 
 def _looks_like_single_document(path: Path) -> bool:
-    """A pretty-printed object spans lines that are not JSON on their own."""
+    """A pretty-printed object spans lines that are not JSON on their own.
+
+    JSON Lines whose first line is broken are still JSON Lines (so the broken
+    line is rejected and the others load): the next non-empty line is an object
+    on its own and the file as a whole is not a JSON document.
+    """
     with path.open("rb") as handle:
         first_line = handle.readline().strip().removeprefix(b"\xef\xbb\xbf").strip()
-    try:
-        _json_decoder.decode(first_line)
-    except msgspec.DecodeError:
+        if _is_json(first_line):
+            return False
+        second_line = next((s for s in (raw.strip() for raw in handle) if s), b"")
+    if not second_line.startswith(b"{") or not _is_json(second_line):
         return True
-    return False
+    return _is_json(path.read_bytes().removeprefix(b"\xef\xbb\xbf"))
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        _json_decoder.decode(data)
+    except _STRICT_ERRORS:
+        try:
+            json.loads(_decode_line(data), parse_constant=str)
+        except (ValueError, RecursionError):
+            return False
+    return True
 
 
 async def _drive(chunks: Iterator[Chunk], label: str) -> AsyncIterator[Chunk]:

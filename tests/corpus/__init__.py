@@ -1,0 +1,1 @@
+"""Bad inputs and what the pipeline must make of them (see cases.py)."""
