@@ -11,6 +11,7 @@ import msgspec
 
 # Keys sorted so that the same record always has the same bytes and hash.
 _encoder = msgspec.json.Encoder(order="sorted")
+REPLACEMENT = "\ufffd"
 
 
 @dataclass(slots=True)
@@ -29,9 +30,26 @@ class RawRecord:
 
 
 def make_record(payload: Any) -> RawRecord:
-    """Encode ``payload`` canonically and hash it."""
+    """Encode ``payload`` canonically and hash it.
+
+    PostgreSQL's jsonb cannot hold U+0000: a record carrying it is stored with
+    U+FFFD in its place (and a name holding either is rejected by the transform),
+    so the record still reaches raw instead of failing its whole batch.
+    """
     data = _encoder.encode(payload)
+    if b"\\u0000" in data:
+        data = _encoder.encode(_without_nul(payload))
     return RawRecord(payload, data, hashlib.blake2b(data, digest_size=16).digest())
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", REPLACEMENT)
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
 
 
 @dataclass(slots=True)

@@ -187,6 +187,10 @@ def transform(record: Any, mapping: FieldMapping) -> Unified | Rejection:
         raw_name = str(raw_name)
     if not isinstance(raw_name, str):
         return Rejection("name", f"not a string ({type(raw_name).__name__})")
+    if "\x00" in raw_name or "\ufffd" in raw_name:
+        # Raw keeps such a record with U+FFFD for U+0000 (jsonb cannot hold it);
+        # rejecting both makes ingestion and reprocessing agree.
+        return Rejection("name", "contains a NUL or unreadable character")
     name = canonical_name(raw_name)
     if not name:
         return Rejection("name", "empty")

@@ -192,6 +192,21 @@ def _lenient_json(raw: bytes) -> Any:
         return text
 
 
+def loads_lenient(data: bytes) -> Any:
+    """Decode a JSON document that strict decoding refused.
+
+    NaN and Infinity literals and numbers beyond float range are kept as the text
+    received; bytes that are not UTF-8 are read as Latin-1.
+
+    Raises:
+        ValueError: the document is not JSON even so (or nests too deeply).
+    """
+    try:
+        return json.loads(_decode_line(data), parse_constant=str, parse_float=_float_or_text)
+    except RecursionError:
+        raise ValueError("nesting too deep") from None
+
+
 def _float_or_text(text: str) -> float | str:
     """A JSON number; one beyond float range (``1e999``) stays the text received.
 
@@ -270,10 +285,8 @@ def _json_array_chunks(
         document = _json_decoder.decode(data)
     except _STRICT_ERRORS as exc:
         try:
-            document = json.loads(
-                _decode_line(data), parse_constant=str, parse_float=_float_or_text
-            )
-        except (ValueError, RecursionError):
+            document = loads_lenient(data)
+        except ValueError:
             raise SourceError(f"malformed JSON in {path.name}: {exc}") from None
     items = _records_of(document, path)
     chunks, seen_max = filter_by_high_water(

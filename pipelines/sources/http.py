@@ -30,6 +30,7 @@ from yarl import URL
 from pipelines.config import SourceConfig
 from pipelines.errors import SourceError
 from pipelines.records import Chunk, RawRecord, make_record
+from pipelines.sources.files import loads_lenient
 from pipelines.transform import observed_at_of, parse_timestamp
 
 log = structlog.get_logger(__name__)
@@ -296,13 +297,31 @@ def _decode(
     """The records of one page, or SourceError when the body has another shape."""
     try:
         decoded = _page_decoder.decode(body)
-    except msgspec.DecodeError as exc:  # ValidationError included: a wrong shape
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # ValidationError is a DecodeError too: a wrong shape. A body that strict
+        # JSON refuses may still be real records (NaN, 1e999, Latin-1 bytes): a
+        # bad value must reject one record, not the page.
+        lenient = _lenient_page(body)
+        if lenient is not None:
+            return lenient
         reason = _one_line(exc)
         if content_type and "json" not in content_type:
             # An HTML error page served with 200 is the usual culprit; say so.
             reason = f"{reason} (content-type {content_type})"
         raise SourceError(f"{source.name}: malformed JSON from {where}: {reason}") from None
     return decoded.data if isinstance(decoded, _Envelope) else decoded
+
+
+def _lenient_page(body: bytes) -> list[dict[str, Any]] | None:
+    try:
+        document = loads_lenient(body)
+    except ValueError:
+        return None
+    if isinstance(document, dict) and isinstance(document.get("data"), list):
+        document = document["data"]
+    if isinstance(document, list) and all(isinstance(item, dict) for item in document):
+        return document
+    return None
 
 
 def _parse_mark(source: SourceConfig, cursor: Mapping[str, Any]) -> datetime | None:

@@ -444,3 +444,20 @@ async def test_fake_runs_in_a_thread_too() -> None:
     finally:
         upstream.stop()
     assert payloads(chunks) == TICKERS
+
+
+async def test_a_bad_number_rejects_one_record_not_the_page(fake: FakeUpstream) -> None:
+    # NaN and 1e999 are not strict JSON, but the rest of the page is good records:
+    # the page is read leniently and the odd values reach raw as the text received.
+    body = (
+        b'[{"id": "a", "name": "A", "quotes": {"USD": {"price": NaN}}},'
+        b' {"id": "b", "name": "B", "quotes": {"USD": {"price": 1e999}}},'
+        b' {"id": "c", "name": "C", "quotes": {"USD": {"price": 3.5}}}]'
+    )
+    fake.enqueue(Fault.raw(body))
+
+    chunks = await read_all(make_source(fake.url))
+
+    prices = [p["quotes"]["USD"]["price"] for p in payloads(chunks)]
+    assert prices == ["NaN", "1e999", 3.5]
+    assert len(fake.requests) == 1
