@@ -185,3 +185,18 @@ class Comparison(msgspec.Struct):
     """Median duration of up to 10 finished runs started before ``b``."""
     sources: dict[str, SourceComparison]
     anomalies: list[Anomaly]
+
+
+def error_responses(*codes: int) -> dict[int, Any]:
+    """OpenAPI entries for the error statuses a handler can answer with."""
+    from litestar.openapi.datastructures import ResponseSpec
+
+    descriptions = {
+        401: "Missing or wrong x-api-key",
+        404: "No such run",
+        503: "The database does not answer",
+    }
+    return {
+        code: ResponseSpec(data_container=ErrorBody, description=descriptions[code])
+        for code in codes
+    }

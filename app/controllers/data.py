@@ -11,11 +11,15 @@ from litestar.params import QueryParameter
 
 from app.dependencies import ServiceDep
 from app.pagination import CursorError, decode_cursor, encode_cursor
-from app.schemas import DataItem, DataPage, Meta, Pagination, SourceStats, Stats
+from app.schemas import DataItem, DataPage, Meta, Pagination, SourceStats, Stats, error_responses
 from app.security import SECURITY_SCHEME, api_key_guard
 from persistence import reads
 from pipelines.transform import canonical_name
 
+TEXT_MAX = 1000
+"""Longer text filters are refused (400): no stored name or source is that long."""
+NO_NUL = r"^[^\x00]*$"
+"""PostgreSQL text cannot hold U+0000; such a filter is refused (400), never a 500."""
 MAX_OFFSET = 2**31 - 1
 """Deeper offsets are refused (400); cursors page through any depth at constant cost."""
 
@@ -36,6 +40,7 @@ class DataController(Controller):
         summary="Unified records, ordered by name",
         guards=[api_key_guard],
         security=[{SECURITY_SCHEME: []}],
+        responses=error_responses(401, 503),
     )
     async def list_data(
         self,
@@ -46,11 +51,20 @@ class DataController(Controller):
             int, QueryParameter(ge=0, le=MAX_OFFSET, description="Rows to skip (0 with a cursor).")
         ] = 0,
         source: Annotated[
-            str | None, QueryParameter(description="Keep rows won by this source.")
+            str | None,
+            QueryParameter(
+                description="Keep rows won by this source.",
+                max_length=TEXT_MAX,
+                pattern=NO_NUL,
+            ),
         ] = None,
         name: Annotated[
             str | None,
-            QueryParameter(description="Canonical name; normalised like stored names."),
+            QueryParameter(
+                description="Canonical name; normalised like stored names.",
+                max_length=TEXT_MAX,
+                pattern=NO_NUL,
+            ),
         ] = None,
         cursor: Annotated[
             str | None, QueryParameter(description="Opaque, from a previous next_cursor.")
@@ -89,7 +103,12 @@ class DataController(Controller):
             ),
         )
 
-    @get("/stats", operation_id="stats", summary="Run totals and per-source state")
+    @get(
+        "/stats",
+        operation_id="stats",
+        summary="Run totals and per-source state",
+        responses=error_responses(503),
+    )
     async def stats(self, service: ServiceDep) -> Stats:
         """Totals over every run, and each declared source's last outcome and checkpoint."""
         async with service.read_pool.acquire() as conn:

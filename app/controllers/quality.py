@@ -8,8 +8,9 @@ from typing import Annotated
 from litestar import Controller, get
 from litestar.params import QueryParameter
 
+from app.controllers.data import NO_NUL, TEXT_MAX
 from app.dependencies import ServiceDep
-from app.schemas import Rejection, RejectionList, RejectionPagination
+from app.schemas import Rejection, RejectionList, RejectionPagination, error_responses
 from app.security import SECURITY_SCHEME, api_key_guard
 from persistence import reads
 
@@ -19,12 +20,20 @@ class QualityController(Controller):
     guards = (api_key_guard,)
     security = ({SECURITY_SCHEME: []},)
 
-    @get("/rejections", operation_id="listRejections", summary="Rejected records and why")
+    @get(
+        "/rejections",
+        operation_id="listRejections",
+        summary="Rejected records and why",
+        responses=error_responses(401, 503),
+    )
     async def list_rejections(
         self,
         service: ServiceDep,
         run_id: Annotated[uuid.UUID | None, QueryParameter(description="Only this run.")] = None,
-        source: Annotated[str | None, QueryParameter(description="Only this source.")] = None,
+        source: Annotated[
+            str | None,
+            QueryParameter(description="Only this source.", max_length=TEXT_MAX, pattern=NO_NUL),
+        ] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=1000, description="Page size.")] = 100,
         after: Annotated[
             int, QueryParameter(ge=0, le=2**62, description="Rejection id to continue after.")

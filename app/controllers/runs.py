@@ -12,7 +12,7 @@ from litestar.params import FromPath, QueryParameter
 
 from app.compare import MEDIAN_WINDOW, compare_runs
 from app.dependencies import ServiceDep
-from app.schemas import Comparison, Run, RunList
+from app.schemas import Comparison, Run, RunList, error_responses
 from app.security import SECURITY_SCHEME, api_key_guard
 from persistence import reads, runs
 
@@ -22,7 +22,12 @@ class RunsController(Controller):
     guards = (api_key_guard,)
     security = ({SECURITY_SCHEME: []},)
 
-    @get("/runs", operation_id="listRuns", summary="Runs, newest first")
+    @get(
+        "/runs",
+        operation_id="listRuns",
+        summary="Runs, newest first",
+        responses=error_responses(401, 503),
+    )
     async def list_runs(
         self,
         service: ServiceDep,
@@ -31,7 +36,12 @@ class RunsController(Controller):
         found = await runs.list_runs(service.read_pool, limit)
         return RunList(data=msgspec.convert(found, list[Run]))
 
-    @get("/runs/{run_id:uuid}", operation_id="getRun", summary="One run")
+    @get(
+        "/runs/{run_id:uuid}",
+        operation_id="getRun",
+        summary="One run",
+        responses=error_responses(401, 404, 503),
+    )
     async def get_run(self, service: ServiceDep, run_id: FromPath[uuid.UUID]) -> Run:
         """404 when no run has this id (a malformed id is 404 too)."""
         found = await runs.get_run(service.read_pool, run_id)
@@ -43,6 +53,7 @@ class RunsController(Controller):
         "/compare-runs",
         operation_id="compareRuns",
         summary="Deltas between two runs and the anomalies of b",
+        responses=error_responses(401, 404, 503),
     )
     async def compare(
         self,

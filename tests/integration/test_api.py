@@ -444,6 +444,10 @@ async def test_public_endpoints_need_no_key(client: Client, path: str) -> None:
         ("cursor=%21%21%21", "cursor"),
         ("cursor=bm90LWpzb24", "cursor"),  # base64 of "not-json"
         ("cursor=eyJ2IjoyLCJhZnRlciI6ImEifQ", "cursor"),  # an unknown version
+        ("source=a%00b", "source"),  # PostgreSQL text cannot hold U+0000
+        ("name=%00", "name"),
+        ("name=" + "x" * 10_000, "name"),
+        ("source=" + "y" * 10_000, "source"),
     ],
 )
 async def test_data_rejects_bad_parameters_with_400_naming_them(
@@ -1119,3 +1123,10 @@ async def test_last_etl_is_running_during_a_run_and_shutdown_stops_it(
     assert runner.running is False
     assert loop.time() - stop_started < 5.0
     assert runner.triggers == ["startup"]
+
+
+@pytest.mark.parametrize("query", ["source=a%00b", "source=" + "z" * 10_000])
+async def test_rejections_refuse_unstorable_source_filters(client: Client, query: str) -> None:
+    response = await client.get(f"/rejections?{query}", headers=AUTH)
+    assert response.status_code == 400
+    assert named(response.json()) == ["source"]

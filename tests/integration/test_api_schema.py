@@ -1,0 +1,98 @@
+"""The API against its own OpenAPI document, with generated requests (schemathesis).
+
+A real ``kasparro serve`` on a database with known rows; every operation of
+``/schema/openapi.json`` gets generated requests, valid and invalid, with the
+API key. No response may be a server error or contradict the document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import schemathesis
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from hypothesis import HealthCheck, given, settings
+
+from persistence.database import run_migrations, with_database
+from tests.helpers import cli_env, coin, csv_entry, csv_rows, json_entry, write_csv
+from tests.helpers import write_json_array, write_sources
+from tests.integration.test_serve import Served
+
+KEY = "schema-key-0123456789"
+# No server error, and every response (status, content type, headers, body) as
+# documented. Not "schema-valid data is accepted": an opaque cursor or a run id
+# that does not exist is schema-valid and rightly refused.
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+EXAMPLES_PER_OPERATION = 200
+
+
+async def _admin(url: str, statement: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+def live(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    name = f"kasparro_schema_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
+    url = with_database(server_url, name)
+    run_migrations(url)
+    folder: Path = tmp_path_factory.mktemp("schema")
+    write_csv(folder / "a.csv", csv_rows(300))
+    write_json_array(
+        folder / "b.json", [coin(f"Coin {i}", i + 0.5, "2026-01-01T00:00:00Z") for i in range(50)]
+    )
+    sources = write_sources(folder, csv_entry(folder / "a.csv"), json_entry(folder / "b.json"))
+    served = Served(cli_env(url, sources, API_KEY=KEY, ETL_INTERVAL_SECONDS=0))
+    try:
+        served.listening()
+        served.wait_for_event("etl_run_finished", 60)
+        yield served
+    finally:
+        served.kill()
+        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_every_operation_conforms_to_the_document(live: Served) -> None:
+    api = schemathesis.openapi.from_url(live.url + "/schema/openapi.json")
+    operations = [result.ok() for result in api.get_all_operations()]
+    assert len(operations) >= 9
+    calls = 0
+
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
+        def check(case: schemathesis.Case) -> None:
+            nonlocal calls
+            calls += 1
+            case.call_and_validate(headers={"x-api-key": KEY}, checks=CHECKS, timeout=10)
+
+        check()
+    print(f"{calls} generated requests over {len(operations)} operations")
+    assert calls >= 1000
