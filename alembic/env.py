@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from logging.config import fileConfig
 
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -37,9 +38,15 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Replicas starting together on an empty database migrate one at a time: the
+# others wait for this transaction-scoped lock, then find nothing left to do.
+MIGRATION_LOCK_KEY = 0x6B61737061727230
+
+
 def _run_sync(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata)
     with context.begin_transaction():
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         context.run_migrations()
 
 

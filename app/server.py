@@ -109,6 +109,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        # Listening now (not when uvicorn starts) queues early connections in the
+        # backlog instead of refusing them, once "listening" has been announced.
+        sock.listen(2048)
     except OSError as exc:
         raise ConfigError(
             f"HOST/PORT: cannot listen on {host}:{port} ({exc.strerror or exc})"

@@ -28,7 +28,11 @@ def configure_logging(
     if log_format == "json":
         renderer: Any = structlog.processors.JSONRenderer()
         tail: list[Any] = [
-            structlog.processors.dict_tracebacks,
+            # Tracebacks as data, without local variables: frames hold settings
+            # and source configs, and an upstream key must never reach a log.
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
         ]
     else:
         renderer = structlog.dev.ConsoleRenderer()

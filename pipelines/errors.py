@@ -23,3 +23,7 @@ class InjectedFailure(KasparroError):
 
     def __init__(self) -> None:
         super().__init__("injected failure")
+
+
+class RunRecordError(KasparroError):
+    """The end of a run could not be recorded (the database went away)."""

@@ -23,9 +23,10 @@ import structlog
 from observability.metrics import Metrics
 from persistence import batches, runs
 from persistence.batches import BatchColumns, BatchCounts
+from persistence.types import Conn
 from pipelines.config import FieldMapping, SourceConfig
 from pipelines.drift import DriftOutcome, detect_drift
-from pipelines.errors import InjectedFailure, SourceError
+from pipelines.errors import InjectedFailure, RunRecordError, SourceError
 from pipelines.records import Chunk, RawRecord
 from pipelines.settings import Settings
 from pipelines.sources.files import read_csv, read_json
@@ -146,43 +147,29 @@ class Runner:
         async with self.pool.acquire() as control:
             # Session-level advisory locks live on this connection for the whole
             # run: the run's own (so a crash is detectable) and one per source (so
-            # replicas never ingest the same source at once).
+            # replicas never ingest the same source at once). They end with the
+            # session, so a lost connection releases them too.
             closed = await runs.close_interrupted_runs(control)
             for stale in closed:
                 log_.warning("run_interrupted_closed", closed_run_id=str(stale))
             await control.execute("SELECT pg_advisory_lock($1)", runs.run_lock_key(run_id))
+            mine: list[SourceConfig] = []
             try:
-                mine: list[SourceConfig] = []
                 for source in wanted:
                     key = runs.source_lock_key(source.name)
                     if await control.fetchval("SELECT pg_try_advisory_lock($1)", key):
                         mine.append(source)
                     else:
                         log_.info("source_skipped_locked", source=source.name)
-                try:
-                    await runs.open_run(control, run_id, trigger, [s.name for s in mine])
-                    self.metrics.running.set(1)
-                    states = await self._ingest(run_id, mine, log_)
-                    status = run_status(states)
-                    for state in states:
-                        await runs.finish_source(
-                            control,
-                            run_id,
-                            state.config.name,
-                            state.status,
-                            state.error if state.status == "failed" else None,
-                            state.drift,
-                        )
-                    await runs.finish_run(control, run_id, status)
-                finally:
-                    self.metrics.running.set(0)
-                    for source in mine:
-                        await control.execute(
-                            "SELECT pg_advisory_unlock($1)", runs.source_lock_key(source.name)
-                        )
+                await runs.open_run(control, run_id, trigger, [s.name for s in mine])
+                self.metrics.running.set(1)
+                states = await self._ingest(run_id, mine, log_)
+                status = run_status(states)
+                await self._close_run(control, run_id, states, status)
             finally:
-                await control.execute("SELECT pg_advisory_unlock($1)", runs.run_lock_key(run_id))
-            run = await runs.get_run(control, run_id)
+                self.metrics.running.set(0)
+                await self._unlock(control, run_id, mine)
+        run = await runs.get_run(self.pool, run_id)
         assert run is not None
         self._observe(states, status, time.monotonic() - started)
         log_.info(
@@ -204,6 +191,63 @@ class Runner:
             },
         )
         return run
+
+    async def _close_run(
+        self, control: Conn, run_id: uuid.UUID, states: Sequence[_SourceState], status: str
+    ) -> None:
+        """Record each source's end and the run's; on a fresh connection if need be.
+
+        Raises:
+            RunRecordError: the database cannot be reached to record the end (the
+                run is then closed as interrupted by the next start).
+        """
+        errors = {s.error for s in states if s.status == "failed"}
+        run_error = errors.pop() if status == "failed" and len(errors) == 1 else None
+        last: BaseException | None = None
+        for attempt in range(3):
+            try:
+                if attempt == 0 and not control.is_closed():
+                    await self._write_end(control, run_id, states, status, run_error)
+                else:
+                    async with self.pool.acquire(timeout=5) as conn:
+                        await self._write_end(conn, run_id, states, status, run_error)
+                return
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                last = exc
+                await asyncio.sleep(0.5 * attempt)
+        raise RunRecordError(
+            f"database unavailable: cannot record the end of run {run_id} "
+            f"({_one_line(last) if last else 'unknown'}); it is closed as interrupted "
+            "at the next start"
+        )
+
+    @staticmethod
+    async def _write_end(
+        conn: Conn,
+        run_id: uuid.UUID,
+        states: Sequence[_SourceState],
+        status: str,
+        run_error: str | None,
+    ) -> None:
+        async with conn.transaction():
+            for state in states:
+                await runs.finish_source(
+                    conn,
+                    run_id,
+                    state.config.name,
+                    state.status,
+                    state.error if state.status == "failed" else None,
+                    state.drift,
+                )
+            await runs.finish_run(conn, run_id, status, run_error)
+
+    @staticmethod
+    async def _unlock(control: Conn, run_id: uuid.UUID, sources: Sequence[SourceConfig]) -> None:
+        if control.is_closed():
+            return  # the locks ended with the session
+        keys = [runs.source_lock_key(s.name) for s in sources] + [runs.run_lock_key(run_id)]
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await control.execute("SELECT pg_advisory_unlock(k) FROM unnest($1::bigint[]) k", keys)
 
     def _observe(self, states: Sequence[_SourceState], status: str, duration: float) -> None:
         m = self.metrics
