@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import structlog
 
 from observability.metrics import Metrics
+from pipelines.errors import KasparroError
 
 log = structlog.get_logger("kasparro.loop")
 
@@ -139,4 +140,7 @@ class IngestionLoop:
         self.last_error = f"{type(exc).__name__}: {message}"[:500]
         self.state = "crashed"
         self.metrics.loop_crashes.inc()
-        log.error("etl_loop_crashed", error=self.last_error, exc_info=exc)
+        # An expected failure (the database went away) is one clear line; anything
+        # else is a bug and keeps its traceback.
+        expected = isinstance(exc, KasparroError)
+        log.error("etl_loop_crashed", error=self.last_error, exc_info=None if expected else exc)
