@@ -43,7 +43,9 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def template_database(server_url: str) -> Iterator[str]:
     name = f"kasparro_tpl_{os.getpid()}"
-    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"'))
+    asyncio.run(
+        _admin(server_url, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')
+    )
     run_migrations(with_database(server_url, name))
     yield name
     asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

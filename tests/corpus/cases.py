@@ -94,7 +94,6 @@ def _one_megabyte_fields() -> bytes:
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
-
 CASES: tuple[Case, ...] = (
     # -- CSV ----------------------------------------------------------------------------
     Case(

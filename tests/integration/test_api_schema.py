@@ -15,6 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import schemathesis
+from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -22,11 +23,18 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from hypothesis import HealthCheck, given, settings
 
 from persistence.database import run_migrations, with_database
-from tests.helpers import cli_env, coin, csv_entry, csv_rows, json_entry, write_csv
-from tests.helpers import write_json_array, write_sources
+from tests.helpers import (
+    cli_env,
+    coin,
+    csv_entry,
+    csv_rows,
+    json_entry,
+    write_csv,
+    write_json_array,
+    write_sources,
+)
 from tests.integration.test_serve import Served
 
 KEY = "schema-key-0123456789"
