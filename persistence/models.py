@@ -96,6 +96,16 @@ class UnifiedData(Base):
     __table_args__ = (Index(None, "source", "name"),)
 
 
+class UnifiedCount(Base):
+    """Rows of ``unified_data`` per winning source, kept exact by statement
+    triggers (migration 0002) so that totals never count the table."""
+
+    __tablename__ = "unified_counts"
+
+    source: Mapped[str] = mapped_column(Text, primary_key=True)
+    rows: Mapped[int] = mapped_column(BigInteger)
+
+
 class EtlCheckpoint(Base):
     __tablename__ = "etl_checkpoint"
 

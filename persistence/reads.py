@@ -62,11 +62,10 @@ def _data_statement(*, source: bool, name: bool, after: bool) -> str:
     a guarded predicate keeps PostgreSQL from starting the index scan at the
     cursor, and a cached generic plan would then read every earlier row.
 
-    The exact total comes back in the same round trip: a one-row ``count(*)``
-    over the filtered set, laterally joined to the page. Filtering by name is a
-    primary key lookup and by source an index-only scan of ``(source, name)``;
-    the unfiltered count reads the table, which is acceptable at this size
-    (a cached or estimated count would stop being exact).
+    The exact total comes back in the same round trip, laterally joined to the
+    page: from ``unified_counts`` (rows per winning source, kept exact by
+    statement triggers in the same transactions that change ``unified_data``)
+    unless a name is given, which is a primary-key lookup.
     """
     args: list[str] = []
     filters: list[str] = []
@@ -76,7 +75,13 @@ def _data_statement(*, source: bool, name: bool, after: bool) -> str:
     if name:
         args.append("name")
         filters.append(f"name = ${len(args)}")
-    count_where = " AND ".join(filters) or "true"
+    if name:
+        # A primary-key lookup: at most one row to count.
+        total = f"SELECT count(*) AS total FROM unified_data WHERE {' AND '.join(filters)}"
+    else:
+        # Kept exact by statement triggers (migration 0002): no table scan per page.
+        where = "WHERE source = $1" if source else ""
+        total = f"SELECT coalesce(sum(rows), 0)::bigint AS total FROM unified_counts {where}"
     page_filters = list(filters)
     if after:
         args.append("after")
@@ -85,7 +90,7 @@ def _data_statement(*, source: bool, name: bool, after: bool) -> str:
     limit, offset = len(args) + 1, len(args) + 2
     return f"""
 SELECT t.total, p.name, p.value, p.source, p.observed_at, p.ingested_at
-FROM (SELECT count(*) AS total FROM unified_data WHERE {count_where}) AS t
+FROM ({total}) AS t
 LEFT JOIN LATERAL (
     SELECT name, value, source, observed_at, ingested_at
     FROM unified_data
@@ -164,7 +169,7 @@ STATS_TOTALS = """
 SELECT
     (SELECT count(*) FROM etl_runs) AS runs_total,
     (SELECT coalesce(sum(fetched), 0) FROM etl_run_sources) AS records_processed_total,
-    (SELECT count(*) FROM unified_data) AS unified_records,
+    (SELECT coalesce(sum(rows), 0)::bigint FROM unified_counts) AS unified_records,
     (SELECT max(finished_at) FROM etl_runs WHERE status = 'success') AS last_success_at,
     (SELECT max(finished_at) FROM etl_runs WHERE status = 'failed') AS last_failure_at,
     last.status AS last_status,
@@ -179,8 +184,9 @@ LEFT JOIN LATERAL (
 """
 
 # Each sub-select walks the (source, finished_at) index backwards, so the cost does
-# not grow with the number of past runs. Raw counts use the (source, content_hash)
-# unique index of each raw table.
+# not grow with the number of past runs. Raw rows are never deleted and every one
+# was counted in ``raw_inserted`` by the statement that stored it, so their sum is
+# the exact raw count without reading the raw tables.
 STATS_SOURCES = """
 SELECT n.source,
     (SELECT s.finished_at FROM etl_run_sources s
@@ -192,10 +198,8 @@ SELECT n.source,
     (SELECT s.error FROM etl_run_sources s
      WHERE s.source = n.source AND s.status = 'failed' AND s.finished_at IS NOT NULL
      ORDER BY s.finished_at DESC LIMIT 1) AS last_error,
-    (SELECT count(*) FROM raw_api_data r WHERE r.source = n.source)
-        + (SELECT count(*) FROM raw_csv_data r WHERE r.source = n.source)
-        + (SELECT count(*) FROM raw_third_source_data r WHERE r.source = n.source)
-        AS raw_records,
+    (SELECT coalesce(sum(s.raw_inserted), 0) FROM etl_run_sources s
+     WHERE s.source = n.source)::bigint AS raw_records,
     (SELECT c.cursor::text FROM etl_checkpoint c WHERE c.source = n.source) AS checkpoint
 FROM (
     SELECT d.source, d.position FROM unnest($1::text[]) WITH ORDINALITY AS d(source, position)

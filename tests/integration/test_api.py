@@ -289,9 +289,11 @@ async def test_stats_runs_and_health_reflect_known_content(
             "csv": {"status": "failed", "error": "csv: line 7: bad quoting", "fetched": 3},
         },
     )
-    for i in range(3):
+    # As many raw rows as the runs say they stored (10 + 5 api, 18 csv).
+    for i in range(15):
         await add_raw(pool, "raw_api_data", "api", ok, {"id": f"c-{i}", "name": f"Coin {i}"})
-    await add_raw(pool, "raw_csv_data", "csv", ok, {"name": "x", "value": "1"})
+    for i in range(18):
+        await add_raw(pool, "raw_csv_data", "csv", ok, {"name": f"x{i}", "value": "1"})
     await pool.execute(
         "INSERT INTO etl_checkpoint (source, cursor) VALUES ('csv', $1::jsonb)",
         '{"offset": 4242, "head": "abc"}',
@@ -312,12 +314,12 @@ async def test_stats_runs_and_health_reflect_known_content(
     assert ts(api["last_success_at"]) == T0 + timedelta(minutes=10, seconds=1.25)
     assert ts(api["last_failure_at"]) == T0 + timedelta(seconds=2)
     assert api["last_error"] == "upstream said 503"
-    assert api["raw_records"] == 3
+    assert api["raw_records"] == 15
     assert api["checkpoint"] is None
     assert ts(csv["last_success_at"]) == T0 + timedelta(minutes=5, seconds=3.5)
     assert ts(csv["last_failure_at"]) == T0 + timedelta(minutes=10, seconds=1.25)
     assert csv["last_error"] == "csv: line 7: bad quoting"
-    assert csv["raw_records"] == 1
+    assert csv["raw_records"] == 18
     assert csv["checkpoint"] == {"offset": 4242, "head": "abc"}
     assert json_ == {
         "last_success_at": None,
