@@ -1,0 +1,1048 @@
+"""The scenarios. Each one adds rows (a figure beside its baseline) to the results.
+
+Ingestion runs ``kasparro etl run --json`` as a child process and times it end to
+end (start-up and migrations included); the reference script runs on the same
+input against another fresh database on the same server. Reads start
+``kasparro serve`` on a loaded database and put it under HTTP load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from bench.db import DatabaseServer, active_seconds, footprint, scalar, wal_bytes
+from bench.inputs import Inputs, Sizes
+from bench.load import LoadResult, run_load
+from bench.proc import (
+    REPO_ROOT,
+    Background,
+    Measured,
+    kasparro,
+    machine_cpu_times,
+    run_measured,
+    service_env,
+    tree_cpu_seconds,
+)
+from bench.profile import API, INGESTION, summarize
+from bench.report import Goal, Results, Row
+from bench.upstream import PagedUpstream
+
+API_KEY = "bench-key"
+AUTH = {"x-api-key": API_KEY}
+REFERENCE = REPO_ROOT / "bench" / "reference.py"
+# Reads are meant to run over 100k unified rows; at quick sizes each name has one
+# row, and the names whose only row is rejected (one in a thousand) are missing.
+MIN_READ_ROWS = 99_000
+
+
+class BenchError(RuntimeError):
+    """A scenario cannot produce its figures; the message says why."""
+
+
+@dataclass(slots=True)
+class Context:
+    """What the scenarios share."""
+
+    sizes: Sizes
+    workdir: Path
+    logs: Path
+    out: Path
+    inputs: Inputs
+    server: DatabaseServer
+    results: Results
+    upstream: PagedUpstream | None = None
+    log: Callable[[str], None] = print
+    loaded_db: str | None = None
+    csv_full: Ingestion | None = None
+    _labels: dict[str, int] = field(default_factory=dict)
+
+    def label(self, base: str) -> str:
+        """A unique name for a child's log file."""
+        self._labels[base] = self._labels.get(base, 0) + 1
+        count = self._labels[base]
+        return base if count == 1 else f"{base}-{count}"
+
+
+# -- ingestion -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DbUse:
+    """What one loader cost the database server."""
+
+    cpu_seconds: float | None
+    """CPU of every server process (a local server only)."""
+    active_seconds: float | None
+    """Time spent executing statements in the loader's database."""
+    wal_mb: float | None
+    """WAL written (server-wide; the bench is its only writer)."""
+    footprint: dict[str, Any]
+    """Database size, and per table rows written, bytes and indexes."""
+    checkpoints: int | None
+    """Checkpoints during the run: each makes the next write of every page a
+    full-page image in the WAL, so the WAL figure is only comparable without one."""
+
+    @property
+    def size_mb(self) -> float:
+        return float(self.footprint.get("database_bytes", 0)) / 2**20
+
+
+class _DbMeter:
+    """Readings of the server before a loader runs; :meth:`done` gives the use."""
+
+    def __init__(self, ctx: Context, url: str) -> None:
+        self.ctx, self.url = ctx, url
+        ctx.server.checkpoint()
+        self.checkpoints = ctx.server.checkpoints()
+        self.active = active_seconds(url)
+        self.wal = wal_bytes(url)
+        self.cpu = ctx.server.cpu_seconds()
+
+    def done(self) -> DbUse:
+        cpu = _server_cpu(self.ctx)
+        wal = _delta(self.wal, wal_bytes(self.url))
+        return DbUse(
+            cpu_seconds=_delta(self.cpu, cpu),
+            active_seconds=_delta(self.active, active_seconds(self.url)),
+            wal_mb=wal / 2**20 if wal is not None else None,
+            footprint=footprint(self.url),
+            checkpoints=_delta(self.checkpoints, self.ctx.server.checkpoints()),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Ingestion:
+    """One measured ``etl run`` (or reference run)."""
+
+    measured: Measured
+    fetched: int
+    db: DbUse
+    run: dict[str, Any]
+
+    @property
+    def rate(self) -> float:
+        return self.fetched / self.measured.wall_seconds
+
+    def summary(self) -> dict[str, Any]:
+        m = self.measured
+        return {
+            "fetched": self.fetched,
+            "records_per_second": round(self.rate, 1),
+            "wall_seconds": round(m.wall_seconds, 3),
+            "cpu_seconds": round(m.cpu_seconds, 3),
+            "user_seconds": round(m.user_seconds, 3),
+            "system_seconds": round(m.system_seconds, 3),
+            "peak_rss_mb": round(m.peak_rss_mb, 1),
+            "db_server_cpu_seconds": _round(self.db.cpu_seconds),
+            "db_active_seconds": _round(self.db.active_seconds),
+            "wal_mb": _round(self.db.wal_mb),
+            "database": self.db.footprint,
+            "checkpoints_during": self.db.checkpoints,
+            "run": self.run,
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return round(value, 3) if value is not None else None
+
+
+def _delta(before: float | None, after: float | None) -> float | None:
+    return after - before if before is not None and after is not None else None
+
+
+def _last_json_line(text: str) -> dict[str, Any] | None:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                parsed = json.loads(line)
+            except ValueError:
+                return None
+            return parsed if isinstance(parsed, dict) else None
+    return None
+
+
+def _server_cpu(ctx: Context) -> float | None:
+    # Backends of a finished child exit a moment later; let the postmaster reap them.
+    time.sleep(0.3)
+    return ctx.server.cpu_seconds()
+
+
+def _service_settings(
+    ctx: Context, url: str, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    settings = {"DATABASE_URL": url, "SOURCES_FILE": str(ctx.inputs.sources_file)}
+    if ctx.upstream is not None:
+        settings["API_SOURCE_URL"] = ctx.upstream.url
+    settings.update(extra or {})
+    return settings
+
+
+def etl_run(
+    ctx: Context,
+    url: str,
+    source: str,
+    label: str,
+    extra: Mapping[str, str] | None = None,
+    wrap: list[str] | None = None,
+) -> Ingestion:
+    """``kasparro etl run --source SOURCE --json`` on ``url``, measured."""
+    env = service_env(ctx.workdir, _service_settings(ctx, url, extra))
+    meter = _DbMeter(ctx, url)
+    argv = [*(wrap or []), *kasparro("etl", "run", "--source", source, "--json")]
+    log_path = ctx.logs / f"{ctx.label(label)}.log"
+    measured = run_measured(argv, env, ctx.workdir, log_path)
+    db_use = meter.done()
+    run = _last_json_line(measured.stdout)
+    if run is None or measured.returncode not in (0, 3):
+        raise BenchError(
+            f"etl run ({label}) exited {measured.returncode} without a run object; "
+            f"see {log_path}\n{measured.stderr_tail[-800:]}"
+        )
+    sources = run.get("sources") or {}
+    failed = {name: s.get("error") for name, s in sources.items() if s.get("status") != "success"}
+    if failed:
+        raise BenchError(f"etl run ({label}): source failed: {failed}; see {log_path}")
+    fetched = sum(int(s.get("fetched") or 0) for s in sources.values())
+    return Ingestion(measured, fetched, db_use, run)
+
+
+def reference_run(
+    ctx: Context, kind: str, location: str, mapping: Mapping[str, str], label: str
+) -> Ingestion:
+    """``bench/reference.py`` on a fresh database of the same server, measured."""
+    url = ctx.server.create(f"ref_{kind}")
+    argv = [
+        sys.executable,
+        str(REFERENCE),
+        "--database-url",
+        url,
+        "--kind",
+        kind,
+        "--location",
+        location,
+        "--page-size",
+        str(ctx.sizes.http_page_size),
+        *(arg for key, value in mapping.items() for arg in (f"--{key}", value)),
+    ]
+    env = service_env(ctx.workdir, {})
+    meter = _DbMeter(ctx, url)
+    log_path = ctx.logs / f"{ctx.label(label)}.log"
+    measured = run_measured(argv, env, ctx.workdir, log_path)
+    db_use = meter.done()
+    result = _last_json_line(measured.stdout)
+    if result is None or measured.returncode != 0:
+        raise BenchError(
+            f"reference ({label}) exited {measured.returncode}; see {log_path}\n"
+            f"{measured.stderr_tail[-800:]}"
+        )
+    return Ingestion(measured, int(result["fetched"]), db_use, result)
+
+
+def _unified_rows(url: str) -> int:
+    return int(asyncio.run(scalar(url, "SELECT count(*) FROM unified_data")))
+
+
+def _ingestion_rows(
+    ctx: Context,
+    scenario: str,
+    mine: Ingestion,
+    ref: Ingestion,
+    rate_goal: Goal | None,
+    unified: int,
+) -> None:
+    add = ctx.results.add
+    m, r = mine.measured, ref.measured
+    ref_unified = int(ref.run.get("unified_rows") or 0)
+    note = "" if unified == ref_unified else f"unified rows {unified} vs reference {ref_unified}"
+    add(
+        Row(
+            scenario,
+            f"records/s ({mine.fetched:,} records)",
+            mine.rate,
+            "rec/s",
+            "reference",
+            ref.rate,
+            rate_goal,
+            note,
+        )
+    )
+    add(Row(scenario, "wall, end to end", m.wall_seconds, "s", "reference", r.wall_seconds))
+    add(Row(scenario, "CPU of the loader process", m.cpu_seconds, "s", "reference", r.cpu_seconds))
+    for figure, unit, value, baseline in (
+        ("CPU of the database server", "s", mine.db.cpu_seconds, ref.db.cpu_seconds),
+        (
+            "time the database spent executing statements",
+            "s",
+            mine.db.active_seconds,
+            ref.db.active_seconds,
+        ),
+        ("WAL written", "MB", mine.db.wal_mb, ref.db.wal_mb),
+        ("database size after the load", "MB", mine.db.size_mb, ref.db.size_mb),
+    ):
+        if value is not None and baseline is not None:
+            add(
+                Row(
+                    scenario,
+                    figure,
+                    value,
+                    unit,
+                    "reference",
+                    baseline,
+                    note=_wal_note(figure, mine, ref),
+                )
+            )
+    add(Row(scenario, "peak RSS of the loader", m.peak_rss_mb, "MB", "reference", r.peak_rss_mb))
+    ctx.results.details[scenario] = {
+        "kasparro": mine.summary(),
+        "reference": ref.summary(),
+        "unified_rows": unified,
+    }
+
+
+def _wal_note(figure: str, mine: Ingestion, ref: Ingestion) -> str:
+    if figure != "WAL written":
+        return ""
+    during = [
+        who
+        for who, use in (("kasparro", mine.db), ("reference", ref.db))
+        if use.checkpoints  # None (unknown) or 0 need no note
+    ]
+    return f"a checkpoint ran during: {', '.join(during)}" if during else ""
+
+
+CSV_MAPPING = {"name": "name", "value": "value", "observed-at": "updated_at"}
+JSON_MAPPING = {"name": "name", "value": "current_price", "observed-at": "last_updated"}
+HTTP_MAPPING = {"name": "name", "value": "quotes.USD.price", "observed-at": "last_updated"}
+
+
+def ingest_csv(ctx: Context) -> None:
+    """The 1M-row CSV end to end, then the no-op rerun, against the reference."""
+    url = ctx.server.create("csv")
+    ctx.log(f"  etl run: {ctx.inputs.csv.name}")
+    full = etl_run(ctx, url, "csv", "csv-full")
+    ctx.csv_full = full
+    unified = _unified_rows(url)
+    ctx.log(
+        f"    {full.fetched:,} records in {full.measured.wall_seconds:.1f}s ({full.rate:,.0f}/s)"
+    )
+    ctx.log("  etl run again (nothing new)")
+    noop = etl_run(ctx, url, "csv", "csv-noop")
+    ctx.log(f"    {noop.measured.wall_seconds:.2f}s")
+    ctx.log("  reference")
+    ref = reference_run(ctx, "csv", str(ctx.inputs.csv), CSV_MAPPING, "reference-csv")
+    ctx.log(f"    {ref.fetched:,} records in {ref.measured.wall_seconds:.1f}s ({ref.rate:,.0f}/s)")
+    _ingestion_rows(ctx, "ingest_csv", full, ref, Goal(">=", 1.3), unified)
+    add = ctx.results.add
+    add(
+        Row(
+            "noop_rerun",
+            "wall of a rerun with nothing new",
+            noop.measured.wall_seconds,
+            "s",
+            "full load wall",
+            full.measured.wall_seconds,
+            Goal("<=", 0.02),
+        )
+    )
+    noop_run = float(noop.run.get("duration_seconds") or 0.0)
+    full_run = float(full.run.get("duration_seconds") or 0.0)
+    add(
+        Row(
+            "noop_rerun",
+            "run duration_seconds (in-process, no start-up)",
+            noop_run,
+            "s",
+            "full load run",
+            full_run or None,
+        )
+    )
+    ctx.results.details["noop_rerun"] = noop.summary()
+    ctx.loaded_db = url
+
+
+def ingest_jsonl(ctx: Context) -> None:
+    """The JSON Lines file end to end against the reference."""
+    url = ctx.server.create("jsonl")
+    ctx.log(f"  etl run: {ctx.inputs.jsonl.name}")
+    mine = etl_run(ctx, url, "json", "jsonl")
+    ctx.log(
+        f"    {mine.fetched:,} records in {mine.measured.wall_seconds:.1f}s ({mine.rate:,.0f}/s)"
+    )
+    ctx.log("  reference")
+    ref = reference_run(ctx, "jsonl", str(ctx.inputs.jsonl), JSON_MAPPING, "reference-jsonl")
+    ctx.log(f"    {ref.fetched:,} records in {ref.measured.wall_seconds:.1f}s ({ref.rate:,.0f}/s)")
+    _ingestion_rows(ctx, "ingest_jsonl", mine, ref, Goal(">=", 1.0), _unified_rows(url))
+
+
+def ingest_http(ctx: Context) -> None:
+    """The paged local upstream (rate limit off) end to end against the reference."""
+    assert ctx.upstream is not None
+    url = ctx.server.create("http")
+    ctx.log(f"  etl run: {ctx.sizes.http_records:,} records over {ctx.sizes.http_pages} pages")
+    mine = etl_run(ctx, url, "api", "http")
+    ctx.log(
+        f"    {mine.fetched:,} records in {mine.measured.wall_seconds:.1f}s ({mine.rate:,.0f}/s)"
+    )
+    ctx.log("  reference")
+    ref = reference_run(ctx, "http", ctx.upstream.url, HTTP_MAPPING, "reference-http")
+    ctx.log(f"    {ref.fetched:,} records in {ref.measured.wall_seconds:.1f}s ({ref.rate:,.0f}/s)")
+    _ingestion_rows(ctx, "ingest_http", mine, ref, Goal(">=", 0.7), _unified_rows(url))
+
+
+def memory(ctx: Context) -> None:
+    """Peak RSS of the CSV load at the base size and at three times as many rows."""
+    base = ctx.csv_full
+    if base is None:
+        ctx.log(f"  etl run: {ctx.inputs.csv.name}")
+        base = etl_run(ctx, ctx.server.create("mem_base"), "csv", "memory-base")
+    ctx.log(f"  etl run: {ctx.inputs.memory_csv.name}")
+    big = etl_run(
+        ctx,
+        ctx.server.create("mem_big"),
+        "csv",
+        "memory-big",
+        {"CSV_SOURCE_PATH": str(ctx.inputs.memory_csv)},
+    )
+    ctx.log(
+        f"    {big.fetched:,} records in {big.measured.wall_seconds:.1f}s, "
+        f"peak {big.measured.peak_rss_mb:.0f} MB"
+    )
+    ctx.log("  reference")
+    ref = reference_run(ctx, "csv", str(ctx.inputs.memory_csv), CSV_MAPPING, "reference-memory")
+    ctx.log(f"    {ref.fetched:,} records in {ref.measured.wall_seconds:.1f}s ({ref.rate:,.0f}/s)")
+    add = ctx.results.add
+    small_label = f"{base.fetched / 1e6:g}M rows"
+    add(
+        Row(
+            "memory",
+            f"peak RSS at {small_label}",
+            base.measured.peak_rss_mb,
+            "MB",
+            goal=Goal("<=", 300, on="value"),
+        )
+    )
+    add(
+        Row(
+            "memory",
+            f"peak RSS at {big.fetched / 1e6:g}M rows",
+            big.measured.peak_rss_mb,
+            "MB",
+            f"at {small_label}",
+            base.measured.peak_rss_mb,
+            Goal("<=", 1.15),
+        )
+    )
+    add(
+        Row(
+            "memory",
+            f"records/s at {big.fetched / 1e6:g}M rows",
+            big.rate,
+            "rec/s",
+            "reference",
+            ref.rate,
+        )
+    )
+    add(
+        Row(
+            "memory",
+            f"records/s at {big.fetched / 1e6:g}M rows vs at {small_label}",
+            big.rate,
+            "rec/s",
+            f"at {small_label}",
+            base.rate,
+        )
+    )
+    ctx.results.details["memory"] = {
+        "base": base.summary(),
+        "big": big.summary(),
+        "reference_big": ref.summary(),
+    }
+
+
+# -- reads -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get_json(
+    url: str, headers: Mapping[str, str] | None = None, timeout: float = 30.0
+) -> tuple[int, Any]:
+    request = urllib.request.Request(url, headers=dict(headers or {}))  # noqa: S310 - local URL
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body or b"null")
+        except ValueError:
+            return exc.code, body.decode(errors="replace")
+
+
+class Service:
+    """``kasparro serve`` on a free port, stopped on exit."""
+
+    def __init__(self, ctx: Context, url: str, label: str, extra: Mapping[str, str]) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        settings = {
+            "SOURCES_FILE": str(ctx.inputs.csv_only_sources_file),
+            "API_KEY": API_KEY,
+            "ETL_ON_STARTUP": "false",
+            "ETL_INTERVAL_SECONDS": "0",
+            **extra,
+        }
+        env = service_env(ctx.workdir, _service_settings(ctx, url, settings))
+        argv = kasparro("serve", "--host", "127.0.0.1", "--port", str(self.port))
+        self.process = Background(argv, env, ctx.workdir, ctx.logs / f"{ctx.label(label)}.log")
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.process.running:
+                raise BenchError(
+                    f"serve exited {self.process.proc.returncode} before answering; "
+                    f"see {self.process.log_path}\n{self.process.log_tail(800)}"
+                )
+            try:
+                status, _ = get_json(self.base + "/", timeout=2.0)
+            except OSError:
+                time.sleep(0.2)
+                continue
+            if status == 200:
+                return
+            time.sleep(0.2)
+        self.process.stop()
+        raise BenchError(
+            f"serve did not answer GET / within {timeout:.0f}s; see {self.process.log_path}"
+        )
+
+    def last_etl(self) -> str | None:
+        try:
+            _, body = get_json(self.base + "/health", timeout=10.0)
+        except OSError:
+            return None
+        return body.get("last_etl") if isinstance(body, dict) else None
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """A load run, and how busy the service and the database server were during it."""
+
+    load: LoadResult
+    serve_cores: float | None
+    """CPU seconds of the service's processes per second of load (1.0 = one core)."""
+    db_cores: float | None
+    """The same for the database server."""
+    idle_cores: float | None
+    """Idle CPU of the whole machine per second of load (load generator included)."""
+
+    @property
+    def rps(self) -> float:
+        return self.load.rps
+
+    @property
+    def p50_ms(self) -> float:
+        return self.load.p50_ms
+
+    @property
+    def p99_ms(self) -> float:
+        return self.load.p99_ms
+
+    @property
+    def errors(self) -> int:
+        return self.load.errors
+
+    @property
+    def requests(self) -> int:
+        return self.load.requests
+
+    def busy(self) -> str:
+        parts = []
+        if self.serve_cores is not None:
+            parts.append(f"serve {self.serve_cores:.0%} CPU")
+        if self.db_cores is not None:
+            parts.append(f"db {self.db_cores:.0%} CPU")
+        if self.idle_cores is not None:
+            parts.append(f"machine idle {self.idle_cores:.0%}")
+        return ", ".join(parts)
+
+
+def measure(
+    ctx: Context,
+    service: Service,
+    path: str,
+    headers: Mapping[str, str] | None = None,
+    *,
+    warm: bool = True,
+) -> Measurement:
+    """Warm up, then hold the load on ``path``; refuses a path that does not answer 200."""
+    url = service.base + path
+    status, body = get_json(url, headers)
+    if status != 200:
+        raise BenchError(f"GET {url} answered {status}: {str(body)[:300]}")
+    if warm and ctx.sizes.warmup_seconds > 0:
+        run_load(url, headers or {}, ctx.sizes.warmup_seconds)
+    serve_before = tree_cpu_seconds(service.process.proc.pid)
+    db_before = ctx.server.cpu_seconds()
+    machine_before = machine_cpu_times()
+    started = time.perf_counter()
+    result = run_load(url, headers or {}, ctx.sizes.read_seconds)
+    elapsed = time.perf_counter() - started
+    machine_after = machine_cpu_times()
+    serve = _delta(serve_before, tree_cpu_seconds(service.process.proc.pid))
+    db = _delta(db_before, ctx.server.cpu_seconds())
+    idle = (
+        (machine_after[1] - machine_before[1]) / elapsed
+        if machine_before is not None and machine_after is not None
+        else None
+    )
+    if result.errors:
+        ctx.log(f"    {result.errors} failed requests on {url}")
+    return Measurement(
+        result,
+        serve / elapsed if serve is not None else None,
+        db / elapsed if db is not None else None,
+        idle,
+    )
+
+
+def _load_summary(result: Measurement) -> dict[str, Any]:
+    return {
+        "tool": result.load.tool,
+        "requests": result.requests,
+        "errors": result.errors,
+        "seconds": round(result.load.seconds, 3),
+        "rps": round(result.rps, 1),
+        "p50_ms": round(result.p50_ms, 3),
+        "p99_ms": round(result.p99_ms, 3),
+        "serve_cpu_cores": _round(result.serve_cores),
+        "db_cpu_cores": _round(result.db_cores),
+        "machine_idle_cores": _round(result.idle_cores),
+    }
+
+
+def _ensure_loaded(ctx: Context) -> str:
+    """A database holding the CSV load (the one ``ingest_csv`` left, or a new one)."""
+    if ctx.loaded_db is None:
+        url = ctx.server.create("reads")
+        ctx.log(f"  loading {ctx.inputs.csv.name} for reads")
+        etl_run(ctx, url, "csv", "reads-load")
+        ctx.loaded_db = url
+    return ctx.loaded_db
+
+
+def _deep_cursor(base: str, total: int) -> str:
+    """A cursor to the last page of 100: take the ``next_cursor`` of an offset page
+    that ends 100 rows before the end; follow cursors from the start if that fails."""
+    start = max(0, total - 1100)
+    status, body = get_json(f"{base}/data?limit=1000&offset={start}", AUTH)
+    if status == 200 and isinstance(body, dict):
+        cursor = (body.get("pagination") or {}).get("next_cursor")
+        if cursor:
+            return str(cursor)
+    cursor = None
+    seen = 0
+    while seen < total - 100:
+        query = f"limit={min(1000, total - 100 - seen)}" + (
+            f"&cursor={quote(cursor)}" if cursor else ""
+        )
+        status, body = get_json(f"{base}/data?{query}", AUTH)
+        if status != 200 or not isinstance(body, dict):
+            raise BenchError(f"cannot follow cursors: {status} {str(body)[:200]}")
+        seen += len(body.get("data") or [])
+        cursor = (body.get("pagination") or {}).get("next_cursor")
+        if not cursor:
+            raise BenchError("the cursor chain ended before the last page")
+    assert cursor is not None
+    return cursor
+
+
+def reads(ctx: Context) -> None:
+    """``/data`` first, deep-by-cursor and deep-by-offset pages, ``/health``, ``/stats``,
+    each against ``GET /`` of the same server."""
+    url = _ensure_loaded(ctx)
+    rows = _unified_rows(url)
+    with Service(ctx, url, "serve-reads", {}) as service:
+        base = service.base
+        status, first = get_json(f"{base}/data?limit=1", AUTH)
+        if status != 200 or not isinstance(first, dict):
+            raise BenchError(f"/data answered {status}: {str(first)[:300]}")
+        total = int((first.get("pagination") or {}).get("total") or rows)
+        cursor = _deep_cursor(base, total)
+        status, last = get_json(f"{base}/data?limit=100&cursor={quote(cursor)}", AUTH)
+        if status != 200 or not (last.get("data") if isinstance(last, dict) else None):
+            raise BenchError(f"the deep cursor page answered {status}: {str(last)[:300]}")
+        targets: list[tuple[str, str, Mapping[str, str]]] = [
+            ("GET /", "/", {}),
+            ("/data?limit=100 first page", "/data?limit=100", AUTH),
+            ("/data deepest page by cursor", f"/data?limit=100&cursor={quote(cursor)}", AUTH),
+            ("/data deepest page by offset", f"/data?limit=100&offset={max(0, total - 100)}", AUTH),
+            ("/health", "/health", {}),
+            ("/stats", "/stats", {}),
+        ]
+        measured: dict[str, Measurement] = {}
+        for name, path, headers in targets:
+            ctx.log(f"  {name}")
+            measured[name] = result = measure(ctx, service, path, headers)
+            ctx.log(
+                f"    {result.rps:,.0f} req/s, "
+                f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms ({result.busy()})"
+            )
+    root = measured["GET /"]
+    first_page = measured["/data?limit=100 first page"]
+    failed = {name: r.errors for name, r in measured.items() if r.errors}
+    if failed:
+        ctx.log(f"  failed or timed-out requests: {failed}")
+    note = "" if rows >= MIN_READ_ROWS else f"only {rows} unified rows"
+    add = ctx.results.add
+    add(Row("reads", "GET / req/s (the baseline)", root.rps, "req/s", note=root.busy()))
+    add(Row("reads", "GET / p99", root.p99_ms, "ms"))
+    for name, result in measured.items():
+        if name == "GET /":
+            continue
+        is_first = result is first_page
+        notes = [note] if is_first and note else []
+        if result.busy():
+            notes.append(result.busy())
+        if result.errors:
+            notes.append(f"{result.errors} of {result.requests} requests failed")
+        add(
+            Row(
+                "reads",
+                f"{name} req/s",
+                result.rps,
+                "req/s",
+                "GET /",
+                root.rps,
+                Goal(">=", 0.25) if is_first else None,
+                "; ".join(notes),
+            )
+        )
+        add(Row("reads", f"{name} p50", result.p50_ms, "ms", "GET / p50", root.p50_ms))
+        add(
+            Row(
+                "reads",
+                f"{name} p99",
+                result.p99_ms,
+                "ms",
+                "GET / p99",
+                root.p99_ms,
+                Goal("<=", 50, on="value") if is_first else None,
+            )
+        )
+    for name in ("/data deepest page by cursor", "/data deepest page by offset"):
+        add(
+            Row(
+                "reads",
+                f"{name} req/s vs first page",
+                measured[name].rps,
+                "req/s",
+                "first page",
+                first_page.rps,
+                Goal(">=", 0.9) if "cursor" in name else None,
+            )
+        )
+    ctx.results.details["reads"] = {
+        "unified_rows": rows,
+        "total_reported": total,
+        "connections": 32,
+        **{name: _load_summary(r) for name, r in measured.items()},
+    }
+
+
+def _newest_run(base: str) -> dict[str, Any] | None:
+    status, body = get_json(f"{base}/runs?limit=1", AUTH, timeout=10.0)
+    if status != 200 or not isinstance(body, dict) or not body.get("data"):
+        return None
+    newest = body["data"][0]
+    return newest if isinstance(newest, dict) else None
+
+
+def _run_errors(run: Mapping[str, Any]) -> str:
+    sources = run.get("sources") or {}
+    errors = {name: s.get("error") for name, s in sources.items() if s.get("error")}
+    return f"status {run.get('status')}" + (f", errors {errors}" if errors else "")
+
+
+def _wait_running(service: Service, previous_run: str | None, timeout: float) -> None:
+    """Return once a run newer than ``previous_run`` is under way.
+
+    Raises:
+        BenchError: it ended before it was seen running (a failure names its errors),
+            or none started within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        newest = _newest_run(service.base)
+        if newest is not None and newest.get("id") != previous_run:
+            if newest.get("status") == "running":
+                return
+            raise BenchError(
+                f"the ingestion ended before reads were measured: {_run_errors(newest)}"
+            )
+        time.sleep(0.1)
+    raise BenchError(f"no ingestion was seen running within {timeout:.0f}s")
+
+
+def _wait_finished(service: Service, timeout: float) -> dict[str, Any] | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        newest = _newest_run(service.base)
+        if newest is None or newest.get("status") != "running":
+            return newest
+        time.sleep(0.5)
+    return None
+
+
+def under_load(ctx: Context) -> None:
+    """``/data`` p99 while the service ingests 1M new rows itself, while a separate
+    ``etl run`` ingests 1M more, and idle, on one server and database."""
+    url = _ensure_loaded(ctx)
+    data_path = "/data?limit=100"
+    extra = {"ETL_ON_STARTUP": "true", "CSV_SOURCE_PATH": str(ctx.inputs.csv_second)}
+    details: dict[str, Any] = {}
+    previous = asyncio.run(
+        scalar(url, "SELECT id::text FROM etl_runs ORDER BY started_at DESC LIMIT 1")
+    )
+    with Service(ctx, url, "serve-under-load", extra) as service:
+        _wait_running(service, previous, 60.0)
+        ctx.log(f"  {data_path} while the service ingests {ctx.inputs.csv_second.name}")
+        during = measure(ctx, service, data_path, AUTH, warm=False)
+        in_service_overlap = service.last_etl() == "running"
+        ctx.log(
+            f"    p99 {during.p99_ms:.2f} ms, {during.rps:,.0f} req/s ({during.busy()})"
+            + ("" if in_service_overlap else " (ingestion ended early)")
+        )
+        finished = _wait_finished(service, 3600.0)
+        if finished is None or finished.get("status") not in ("success", "partial"):
+            raise BenchError(
+                "the service's ingestion did not succeed: "
+                + (_run_errors(finished) if finished else "still running after an hour")
+            )
+        details["in_service_run"] = finished
+        ctx.log(f"  {data_path} idle")
+        idle = measure(ctx, service, data_path, AUTH)
+        ctx.log(f"    p99 {idle.p99_ms:.2f} ms, {idle.rps:,.0f} req/s ({idle.busy()})")
+
+        ctx.log(
+            f"  {data_path} while `etl run` ingests {ctx.inputs.csv_third.name} in another process"
+        )
+        env = service_env(
+            ctx.workdir,
+            _service_settings(
+                ctx,
+                url,
+                {
+                    "SOURCES_FILE": str(ctx.inputs.csv_only_sources_file),
+                    "CSV_SOURCE_PATH": str(ctx.inputs.csv_third),
+                },
+            ),
+        )
+        loader = Background(
+            kasparro("etl", "run", "--source", "csv", "--json"),
+            env,
+            ctx.workdir,
+            ctx.logs / f"{ctx.label('under-load-etl-run')}.log",
+        )
+        try:
+            _wait_running(service, str(finished.get("id")), 60.0)
+            external = measure(ctx, service, data_path, AUTH, warm=False)
+            external_overlap = loader.running
+            code = loader.wait(3600)
+        finally:
+            loader.stop()
+        if code not in (0, 3):
+            raise BenchError(f"the separate etl run exited {code}; see {loader.log_path}")
+        ctx.log(
+            f"    p99 {external.p99_ms:.2f} ms, {external.rps:,.0f} req/s ({external.busy()})"
+            + ("" if external_overlap else " (ingestion ended early)")
+        )
+    add = ctx.results.add
+    add(
+        Row(
+            "under_load",
+            f"{data_path} p99 during the service's own ingestion",
+            during.p99_ms,
+            "ms",
+            "idle p99",
+            idle.p99_ms,
+            Goal("<=", 3.0),
+            "" if in_service_overlap else "ingestion ended during the measurement",
+        )
+    )
+    add(
+        Row(
+            "under_load",
+            f"{data_path} req/s during the service's own ingestion",
+            during.rps,
+            "req/s",
+            "idle",
+            idle.rps,
+        )
+    )
+    add(
+        Row(
+            "under_load",
+            f"{data_path} p99 during `etl run` in another process",
+            external.p99_ms,
+            "ms",
+            "idle p99",
+            idle.p99_ms,
+            Goal("<=", 3.0),
+            "" if external_overlap else "ingestion ended during the measurement",
+        )
+    )
+    add(
+        Row(
+            "under_load",
+            f"{data_path} req/s during `etl run` in another process",
+            external.rps,
+            "req/s",
+            "idle",
+            idle.rps,
+        )
+    )
+    details.update(
+        {
+            "during_in_service": _load_summary(during),
+            "in_service_overlap": in_service_overlap,
+            "during_external": _load_summary(external),
+            "external_overlap": external_overlap,
+            "idle": _load_summary(idle),
+        }
+    )
+    ctx.results.details["under_load"] = details
+
+
+# -- profile -----------------------------------------------------------------------------
+
+
+def _py_spy() -> str | None:
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.is_file() else shutil.which("py-spy")
+
+
+def _spy_args(py_spy: str, out: Path) -> list[str]:
+    return [
+        py_spy,
+        "record",
+        "--format",
+        "raw",
+        "--idle",
+        "--threads",
+        "--full-filenames",
+        "--rate",
+        "100",
+        "-o",
+        str(out),
+    ]
+
+
+def _profile_rows(ctx: Context, scenario: str, summary: Mapping[str, Any]) -> None:
+    for thread, shares in summary["threads"].items():
+        for category, share in shares.items():
+            if share >= 0.01:
+                ctx.results.add(Row(scenario, f"{thread}: {category}", share * 100, "%"))
+
+
+def profile(ctx: Context) -> None:
+    """py-spy samples (all threads, idle included) of the CSV ``etl run`` and of the
+    service answering ``/data?limit=100`` under load, summarized by where the time goes.
+
+    Shares are of the main thread's samples: ``main thread: waiting`` is the time
+    its event loop had nothing to run."""
+    py_spy = _py_spy()
+    if py_spy is None:
+        raise BenchError("py-spy is not installed (pip install py-spy)")
+    raw = ctx.out / "profile-csv.txt"
+    ctx.log(f"  py-spy record: etl run {ctx.inputs.csv.name}")
+    wrap = [*_spy_args(py_spy, raw), "--"]
+    run = etl_run(ctx, ctx.server.create("profile"), "csv", "profile-csv", wrap=wrap)
+    summary = summarize(raw.read_text(encoding="utf-8"), INGESTION)
+    ctx.results.details["profile_csv"] = {
+        "collapsed_stacks": str(raw),
+        "run": run.summary(),
+        **summary,
+    }
+    _profile_rows(ctx, "profile_csv", summary)
+
+    url = _ensure_loaded(ctx)
+    raw = ctx.out / "profile-reads.txt"
+    path = "/data?limit=100"
+    with Service(ctx, url, "serve-profile", {}) as service:
+        seconds = ctx.sizes.read_seconds
+        ctx.log(f"  py-spy record: serve under load on {path}")
+        spy = Background(
+            [
+                *_spy_args(py_spy, raw),
+                "--pid",
+                str(service.process.proc.pid),
+                "--duration",
+                str(round(seconds + 1)),
+            ],
+            service_env(ctx.workdir, {}),
+            ctx.workdir,
+            ctx.logs / f"{ctx.label('py-spy-serve')}.log",
+        )
+        try:
+            time.sleep(0.5)  # attached before the load starts
+            load = measure(ctx, service, path, AUTH, warm=False)
+            if spy.wait(seconds + 30) is None or not raw.is_file():
+                raise BenchError(f"py-spy did not write {raw}; see {spy.log_path}")
+        finally:
+            spy.stop()
+    summary = summarize(raw.read_text(encoding="utf-8"), API)
+    ctx.results.details["profile_reads"] = {
+        "collapsed_stacks": str(raw),
+        "load_while_profiled": _load_summary(load),
+        **summary,
+    }
+    _profile_rows(ctx, "profile_reads", summary)
+
+
+SCENARIOS: dict[str, Callable[[Context], None]] = {
+    "ingest_csv": ingest_csv,
+    "ingest_jsonl": ingest_jsonl,
+    "ingest_http": ingest_http,
+    "memory": memory,
+    "reads": reads,
+    "under_load": under_load,
+    "profile": profile,
+}
+DEFAULT = ("ingest_csv", "ingest_jsonl", "ingest_http", "memory", "reads", "under_load")
+
+# Which generated files each scenario reads.
+NEEDS: dict[str, set[str]] = {
+    "ingest_csv": {"csv"},
+    "ingest_jsonl": {"jsonl"},
+    "ingest_http": set(),
+    "memory": {"csv", "memory_csv"},
+    "reads": {"csv"},
+    "under_load": {"csv", "csv_second", "csv_third"},
+    "profile": {"csv"},
+}
