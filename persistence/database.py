@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -79,16 +81,58 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+def _migrations_root() -> Path:
+    # The migrations live beside alembic.ini at the project root: the working
+    # directory of an installed deployment (the container's /app), else the
+    # source checkout this package was imported from.
+    return Path.cwd() if (Path.cwd() / "alembic" / "env.py").is_file() else REPO_ROOT
+
+
+_REVISION = re.compile(r'^revision: str = "([^"]+)"', re.MULTILINE)
+_DOWN_REVISION = re.compile(r'^down_revision: str \| None = (?:"([^"]+)"|None)', re.MULTILINE)
+
+
+def head_revision(root: Path | None = None) -> str | None:
+    """The newest migration's id, read from the files without importing Alembic."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in ((root or _migrations_root()) / "alembic" / "versions").glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        found = _REVISION.search(text)
+        if found:
+            revisions.add(found.group(1))
+        down = _DOWN_REVISION.search(text)
+        if down and down.group(1):
+            parents.add(down.group(1))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+async def _current_revision(url: str) -> str | None:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        current: str | None = await conn.fetchval("SELECT version_num FROM alembic_version")
+        return current
+    except asyncpg.UndefinedTableError:
+        return None
+    finally:
+        await conn.close()
+
+
 def run_migrations(url: str) -> None:
-    """Apply every Alembic migration (synchronous: call it outside a running loop)."""
+    """Apply every Alembic migration (synchronous: call it outside a running loop).
+
+    A database already at the newest migration is recognised with one query,
+    without loading Alembic and SQLAlchemy (most of a short command's start-up).
+    """
+    root = _migrations_root()
+    head = head_revision(root)
+    if head is not None and asyncio.run(_current_revision(url)) == head:
+        return
     from alembic.config import Config
 
     from alembic import command
 
-    # The migrations live beside alembic.ini at the project root: the working
-    # directory of an installed deployment (the container's /app), else the
-    # source checkout this package was imported from.
-    root = Path.cwd() if (Path.cwd() / "alembic" / "env.py").is_file() else REPO_ROOT
     config = Config(str(root / "alembic.ini"))
     config.set_main_option("script_location", str(root / "alembic"))
     # Percent signs in passwords would otherwise be read as interpolation.
