@@ -10,6 +10,8 @@ from typing import Any
 
 import msgspec
 
+from persistence.reads import UnifiedRow
+
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):
     """Every error response."""
@@ -41,12 +43,8 @@ class Health(msgspec.Struct):
     db_latency_ms: float | None
 
 
-class DataItem(msgspec.Struct):
-    name: str
-    value: float
-    source: str
-    observed_at: datetime
-    ingested_at: datetime
+#: One item of ``/data``: the read model itself, encoded as it comes from the query.
+DataItem = UnifiedRow
 
 
 class Pagination(msgspec.Struct):

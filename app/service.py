@@ -159,12 +159,12 @@ class Service:
             self._pool = await create_pool(url)
             self._owned.append(self._pool)
         if self.settings.database_read_url:
-            self._read_pool = await create_pool(self.settings.database_read_url)
+            self._read_pool = await create_pool(self.settings.database_read_url, read_only=True)
             self._owned.append(self._read_pool)
         elif self._url is not None:
             # A pool of its own, so a burst of reads never starves ingestion and
             # a long run never starves the API.
-            self._read_pool = await create_pool(self._url)
+            self._read_pool = await create_pool(self._url, read_only=True)
             self._owned.append(self._read_pool)
         else:
             self._read_pool = self._pool

@@ -6,7 +6,16 @@ import logging
 import sys
 from typing import Any, TextIO
 
+import msgspec
 import structlog
+
+# Built once: one access line per request makes the renderer a hot path. Values
+# msgspec does not know (exceptions, paths) are written as their str().
+_encoder = msgspec.json.Encoder(enc_hook=str)
+
+
+def _dumps(event: Any, **_: Any) -> str:
+    return _encoder.encode(event).decode()
 
 
 def configure_logging(
@@ -26,7 +35,7 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if log_format == "json":
-        renderer: Any = structlog.processors.JSONRenderer()
+        renderer: Any = structlog.processors.JSONRenderer(serializer=_dumps)
         tail: list[Any] = [
             # Tracebacks as data, without local variables: frames hold settings
             # and source configs, and an upstream key must never reach a log.

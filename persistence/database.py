@@ -146,10 +146,26 @@ async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
     await conn.set_type_codec("jsonb", encoder=str, decoder=str, schema="pg_catalog")
 
 
+async def _end_open_transaction(conn: asyncpg.Connection[Any]) -> None:
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 async def create_pool(
-    url: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 10.0
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    connect_timeout: float = 10.0,
+    read_only: bool = False,
 ) -> asyncpg.Pool[Any]:
-    """An asyncpg pool; ``jsonb`` values are exchanged as JSON text."""
+    """An asyncpg pool; ``jsonb`` values are exchanged as JSON text.
+
+    Args:
+        read_only: the pool only runs single read queries, which leave no session
+            state (no locks, settings or cursors) behind; a released connection
+            then skips asyncpg's full reset, a round trip per request.
+    """
     pool = await asyncpg.create_pool(
         url,
         min_size=min_size,
@@ -157,6 +173,7 @@ async def create_pool(
         timeout=connect_timeout,
         command_timeout=None,
         init=_init_connection,
+        reset=_end_open_transaction if read_only else None,
         server_settings={"application_name": "kasparro"},
     )
     return pool

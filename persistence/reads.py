@@ -40,8 +40,10 @@ async def ping(conn: Connection) -> str | None:
 # -- /data -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class UnifiedRow:
+class UnifiedRow(msgspec.Struct, gc=False):
+    """One row of ``unified_data`` as the API shows it (a Struct: a page builds
+    hundreds, and msgspec encodes them directly)."""
+
     name: str
     value: float
     source: str
@@ -132,11 +134,7 @@ async def data_page(
     args: list[object] = [v for v in (source, name, after) if v is not None]
     records = await db.fetch(statement, *args, limit, offset, timeout=READ_TIMEOUT_SECONDS)
     total = int(records[0]["total"]) if records else 0
-    rows = [
-        UnifiedRow(r["name"], r["value"], r["source"], r["observed_at"], r["ingested_at"])
-        for r in records
-        if r["name"] is not None
-    ]
+    rows = [UnifiedRow(r[1], r[2], r[3], r[4], r[5]) for r in records if r[1] is not None]
     return DataPage(total, rows)
 
 

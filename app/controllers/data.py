@@ -11,7 +11,7 @@ from litestar.params import QueryParameter
 
 from app.dependencies import ServiceDep
 from app.pagination import CursorError, decode_cursor, encode_cursor
-from app.schemas import DataItem, DataPage, Meta, Pagination, SourceStats, Stats, error_responses
+from app.schemas import DataPage, Meta, Pagination, SourceStats, Stats, error_responses
 from app.security import SECURITY_SCHEME, api_key_guard
 from persistence import reads
 from pipelines.transform import canonical_name
@@ -93,7 +93,7 @@ class DataController(Controller):
         next_cursor = encode_cursor(rows[-1].name) if len(page.rows) > limit else None
         started: float = request.state.started
         return DataPage(
-            data=[DataItem(r.name, r.value, r.source, r.observed_at, r.ingested_at) for r in rows],
+            data=rows,
             pagination=Pagination(
                 limit=limit, offset=offset, total=page.total, next_cursor=next_cursor
             ),
