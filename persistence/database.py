@@ -166,6 +166,12 @@ async def create_pool(
             state (no locks, settings or cursors) behind; a released connection
             then skips asyncpg's full reset, a round trip per request.
     """
+    settings = {"application_name": "kasparro"}
+    if not read_only:
+        # The batch statement joins arrays whose size only the actual parameters
+        # tell; a cached generic plan guesses a few rows and picks nested loops
+        # that grow with the square of the batch. Planning per batch is cheap.
+        settings["plan_cache_mode"] = "force_custom_plan"
     pool = await asyncpg.create_pool(
         url,
         min_size=min_size,
@@ -174,6 +180,6 @@ async def create_pool(
         command_timeout=None,
         init=_init_connection,
         reset=_end_open_transaction if read_only else None,
-        server_settings={"application_name": "kasparro"},
+        server_settings=settings,
     )
     return pool

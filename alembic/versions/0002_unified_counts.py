@@ -37,18 +37,16 @@ END $$
     """
 CREATE FUNCTION unified_counts_move() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    -- Only rows whose winning source changed move between counts.
-    WITH moved AS (
-        SELECT o.source AS old_source, n.source AS new_source
-        FROM old_rows o JOIN new_rows n USING (name)
-        WHERE o.source IS DISTINCT FROM n.source
-    ), delta AS (
-        SELECT new_source AS source, count(*) AS d FROM moved GROUP BY new_source
+    -- Each replaced row is once in old_rows and once in new_rows: the net change
+    -- of a source is its new count minus its old count. No join of the two sets
+    -- (they have no statistics, and a nested loop grows with the square).
+    WITH delta AS (
+        SELECT source, count(*) AS d FROM new_rows GROUP BY source
         UNION ALL
-        SELECT old_source, -count(*) FROM moved GROUP BY old_source
+        SELECT source, -count(*) FROM old_rows GROUP BY source
     )
     INSERT INTO unified_counts AS c (source, rows)
-    SELECT source, sum(d) FROM delta GROUP BY source
+    SELECT source, sum(d) FROM delta GROUP BY source HAVING sum(d) <> 0
     ON CONFLICT (source) DO UPDATE SET rows = c.rows + excluded.rows;
     RETURN NULL;
 END $$
