@@ -127,17 +127,21 @@ def _write_batch_sql(table: str) -> str:
 WITH input AS (
     SELECT * FROM unnest($3::bytea[], $4::text[], $5::text[], $6::float8[],
                          $7::timestamptz[], $8::text[], $9::text[], $10::text[])
-        WITH ORDINALITY AS t(h, p, name, value, observed_at, record_id, rej_field,
-                             rej_reason, n)
+        AS t(h, p, name, value, observed_at, record_id, rej_field, rej_reason)
 ),
 ins AS (
+    -- A plain scan of the arrays inserts in their order, so raw ids follow the
+    -- source's order (no sort: it would move every payload once more).
     INSERT INTO {table} (source, run_id, content_hash, payload, ingested_at)
-    SELECT $1, $2, h, p::jsonb, $11 FROM input ORDER BY n
+    SELECT $1, $2, h, p::jsonb, $11 FROM input
     ON CONFLICT (source, content_hash) DO NOTHING
     RETURNING id, content_hash
 ),
 fresh AS (
-    SELECT i.*, ins.id AS raw_id FROM ins JOIN input i ON i.h = ins.content_hash
+    -- Only what the next steps read: the payloads stay out of this join.
+    SELECT i.name, i.value, i.observed_at, i.record_id, i.rej_field, i.rej_reason,
+        ins.id AS raw_id
+    FROM ins JOIN input i ON i.h = ins.content_hash
 ),
 rej AS (
     INSERT INTO etl_rejections (run_id, source, raw_table, raw_id, field, reason)

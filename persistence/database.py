@@ -172,6 +172,8 @@ async def create_pool(
         # tell; a cached generic plan guesses a few rows and picks nested loops
         # that grow with the square of the batch. Planning per batch is cheap.
         settings["plan_cache_mode"] = "force_custom_plan"
+        # A batch's sorts and joins stay in memory (the default 4 MB spills to disk).
+        settings["work_mem"] = "64MB"
     pool = await asyncpg.create_pool(
         url,
         min_size=min_size,
