@@ -56,8 +56,6 @@ class Settings:
     """Controlled failure after this many records read in a run (never in production)."""
     etl_batch_size: int = 5000
     """Records per batch (one transaction each)."""
-    etl_batch_seconds: float = 1.0
-    """A partial batch is flushed after this long."""
     host: str = "127.0.0.1"
     port: int = 8000
     log_format: str = field(
@@ -257,7 +255,6 @@ def load_settings(
         etl_on_startup=_bool(env, "ETL_ON_STARTUP", True),
         etl_fail_after_records=fail_after,
         etl_batch_size=batch_size if batch_size is not None else 5000,
-        etl_batch_seconds=_number(env, "ETL_BATCH_SECONDS", 1.0, minimum=0),
         host=env.get("HOST", "").strip() or "127.0.0.1",
         port=port,
         log_format=log_format,

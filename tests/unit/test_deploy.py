@@ -55,7 +55,6 @@ SETTINGS = (
     "ETL_INTERVAL_SECONDS",
     "ETL_ON_STARTUP",
     "ETL_BATCH_SIZE",
-    "ETL_BATCH_SECONDS",
     "ETL_FAIL_AFTER_RECORDS",
     "HOST",
     "PORT",
@@ -323,7 +322,6 @@ def test_env_example_lists_every_setting_with_placeholders() -> None:
     entries = _env_example_entries(commented=True)
     assert [name for name in SETTINGS if name not in entries] == []
     assert entries["ETL_BATCH_SIZE"] == "5000"
-    assert entries["ETL_BATCH_SECONDS"] == "1.0"
     for name, value in entries.items():
         if re.search(r"PASSWORD|SECRET|_KEY$", name):
             assert value.startswith("change-me"), f"{name} in .env.example looks like a real secret"
