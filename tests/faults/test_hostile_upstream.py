@@ -176,7 +176,11 @@ async def test_hostile_upstream_is_survived_within_the_rate_limit(
     finally:
         fake.stop()
 
-    note(f"hostile upstream, pass {attempt_set + 1}", *outcomes, f"scenario took {time.monotonic() - began:.1f} s")
+    note(
+        f"hostile upstream, pass {attempt_set + 1}",
+        *outcomes,
+        f"scenario took {time.monotonic() - began:.1f} s",
+    )
     newest = max(str(t["last_updated"]) for t in tickers)
     await audit(
         database_url,

@@ -151,7 +151,11 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     finally:
         await conn.close()
 
-    note(f"kill, pass {attempt_set + 1}", *outcomes, f"scenario took {time.monotonic() - began:.1f} s")
+    note(
+        f"kill, pass {attempt_set + 1}",
+        *outcomes,
+        f"scenario took {time.monotonic() - began:.1f} s",
+    )
     await audit(
         database_url,
         f"kill, pass {attempt_set + 1} (10 x SIGKILL during 300k-row CSV)",
