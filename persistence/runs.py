@@ -162,11 +162,3 @@ async def get_run(conn: Queryable, run_id: uuid.UUID) -> dict[str, Any] | None:
 async def list_runs(conn: Queryable, limit: int) -> list[dict[str, Any]]:
     """Newest first."""
     return [_run_object(row) for row in await conn.fetch(_LIST_RUNS, limit)]
-
-
-async def last_run_status(conn: Queryable) -> str:
-    """Status of the newest run, or ``never``."""
-    status: str | None = await conn.fetchval(
-        "SELECT status FROM etl_runs ORDER BY started_at DESC LIMIT 1"
-    )
-    return status or "never"

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
@@ -66,11 +65,3 @@ class Chunk:
     cursor: dict[str, Any]
     final: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-class Reader(Protocol):
-    """A source: reads from the committed ``cursor`` on and yields chunks."""
-
-    def __call__(
-        self, cursor: Mapping[str, Any] | None, batch_size: int
-    ) -> AsyncIterator[Chunk]: ...
