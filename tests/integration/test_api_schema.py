@@ -7,12 +7,9 @@ API key. No response may be a server error or contradict the document.
 
 from __future__ import annotations
 
-import asyncio
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -24,9 +21,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from persistence.database import run_migrations, with_database
 from tests.helpers import (
-    cli_env,
     coin,
     csv_entry,
     csv_rows,
@@ -35,7 +30,7 @@ from tests.helpers import (
     write_json_array,
     write_sources,
 )
-from tests.integration.test_serve import Served
+from tests.integration.test_serve import Served, served_on_new_database
 
 KEY = "schema-key-0123456789"
 # No server error, and every response (status, content type, headers, body) as
@@ -51,34 +46,16 @@ CHECKS = [
 EXAMPLES_PER_OPERATION = 200
 
 
-async def _admin(url: str, statement: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def live(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    name = f"kasparro_schema_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    url = with_database(server_url, name)
-    run_migrations(url)
     folder: Path = tmp_path_factory.mktemp("schema")
     write_csv(folder / "a.csv", csv_rows(300))
     write_json_array(
         folder / "b.json", [coin(f"Coin {i}", i + 0.5, "2026-01-01T00:00:00Z") for i in range(50)]
     )
     sources = write_sources(folder, csv_entry(folder / "a.csv"), json_entry(folder / "b.json"))
-    served = Served(cli_env(url, sources, API_KEY=KEY, ETL_INTERVAL_SECONDS=0))
-    try:
-        served.listening()
-        served.wait_for_event("etl_run_finished", 60)
+    with served_on_new_database(server_url, sources, key=KEY, prefix="kasparro_schema") as served:
         yield served
-    finally:
-        served.kill()
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def test_every_operation_conforms_to_the_document(live: Served) -> None:

@@ -7,21 +7,17 @@ and answered 200.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shlex
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 
 from app.cli import build_parser
-from persistence.database import run_migrations, with_database
-from tests.helpers import REPO_ROOT, cli_env, csv_entry, csv_rows, write_csv, write_sources
-from tests.integration.test_serve import Served
+from tests.helpers import REPO_ROOT, csv_entry, csv_rows, write_csv, write_sources
+from tests.integration.test_serve import Served, served_on_new_database
 
 README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
 MAKEFILE = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
@@ -69,31 +65,13 @@ def test_every_documented_command_parses(usage: str) -> None:
     assert args.command in ("serve", "etl", "db")
 
 
-async def _admin(url: str, statement: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def served(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    name = f"kasparro_readme_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    url = with_database(server_url, name)
-    run_migrations(url)
     folder: Path = tmp_path_factory.mktemp("readme")
     write_csv(folder / "a.csv", csv_rows(50))
     sources = write_sources(folder, csv_entry(folder / "a.csv"))
-    server = Served(cli_env(url, sources, API_KEY=KEY, ETL_INTERVAL_SECONDS=0))
-    try:
-        server.listening()
-        server.wait_for_event("etl_run_finished", 60)
-        yield server
-    finally:
-        server.kill()
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with served_on_new_database(server_url, sources, key=KEY, prefix="kasparro_readme") as live:
+        yield live
 
 
 @pytest.mark.parametrize("line", [line for line in shell_lines() if line.startswith("curl")])

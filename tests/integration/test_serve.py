@@ -6,12 +6,15 @@ reads its stdout line by line in a thread, and talks to it over HTTP.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import queue
 import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ import asyncpg
 import httpx
 import pytest
 
+from persistence.database import run_migrations, with_database
 from tests.helpers import (
     REPO_ROOT,
     cli_env,
@@ -250,3 +254,30 @@ async def test_log_lines_are_json_and_the_run_summary_carries_its_counts(
     assert access[0]["request_id"] == "trace-42"
     assert access[0]["route"] == "<unmatched>"
     assert access[0]["status"] == 404
+
+
+@contextlib.contextmanager
+def served_on_new_database(
+    server_url: str, sources: Path, *, key: str, prefix: str
+) -> Iterator[Served]:
+    """A ``kasparro serve`` on a database of its own, after its startup run."""
+
+    async def admin(statement: str) -> None:
+        conn = await asyncpg.connect(server_url)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    url = with_database(server_url, name)
+    run_migrations(url)
+    served = Served(cli_env(url, sources, API_KEY=key, ETL_INTERVAL_SECONDS=0))
+    try:
+        served.listening()
+        served.wait_for_event("etl_run_finished", 60)
+        yield served
+    finally:
+        served.kill()
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
