@@ -55,6 +55,13 @@ def embedded_url(data_dir: Path, database: str = EMBEDDED_DATABASE) -> str:
     return with_database(uri, database)
 
 
+def stop_embedded(data_dir: Path) -> None:
+    """Stop the embedded server this process started under ``data_dir`` (if any)."""
+    server = _embedded.pop((data_dir.expanduser().resolve()) / "pg", None)
+    if server is not None:
+        server.cleanup()
+
+
 def _ensure_database(server: Any, database: str) -> None:
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
     if "(1 row)" not in exists:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,7 +18,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from persistence.database import create_pool, embedded_url, run_migrations, with_database
+from persistence.database import (
+    create_pool,
+    embedded_url,
+    run_migrations,
+    stop_embedded,
+    with_database,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,13 +39,20 @@ async def _admin(url: str, *statements: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+def server_url() -> Iterator[str]:
     """URL of the server's maintenance database."""
     external = os.environ.get("TEST_DATABASE_URL", "").strip()
     if external:
-        return external
-    data_dir = tmp_path_factory.mktemp("embedded-pg")
-    return embedded_url(data_dir, database="postgres")
+        yield external
+        return
+    # Not under pytest's basetemp: pytest deletes old basetemps when another
+    # session starts, which would pull the data directory from under the server.
+    data_dir = Path(tempfile.mkdtemp(prefix="kasparro-test-pg-"))
+    try:
+        yield embedded_url(data_dir, database="postgres")
+    finally:
+        stop_embedded(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
