@@ -22,6 +22,10 @@ log = structlog.get_logger("kasparro.http")
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID_LENGTH = 128
 UNMATCHED_ROUTE = "<unmatched>"
+MAX_HEADER_BYTES = 16 * 1024
+"""Requests whose headers total more are refused with 431 (the HTTP parser does
+not bound them); no endpoint of this API needs more than a few hundred bytes."""
+MAX_HEADER_COUNT = 100
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -39,6 +43,29 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key.lower() == name:
             return bytes(value)
     return None
+
+
+def _headers_too_large(scope: Scope) -> bool:
+    count = size = 0
+    for key, value in scope.get("headers", ()):
+        count += 1
+        size += len(key) + len(value)
+    return count > MAX_HEADER_COUNT or size > MAX_HEADER_BYTES
+
+
+async def _refuse_headers(send: Send) -> None:
+    body = b'{"status_code":431,"detail":"Request Header Fields Too Large"}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 431,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class RequestContext:
@@ -77,7 +104,10 @@ class RequestContext:
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
-                await self.app(scope, receive, send_with_id)
+                if _headers_too_large(scope):
+                    await _refuse_headers(send_with_id)
+                else:
+                    await self.app(scope, receive, send_with_id)
             finally:
                 self._record(scope, status, time.perf_counter() - started)
 

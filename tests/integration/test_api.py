@@ -1132,3 +1132,19 @@ async def test_rejections_refuse_unstorable_source_filters(client: Client, query
     response = await client.get(f"/rejections?{query}", headers=AUTH)
     assert response.status_code == 400
     assert named(response.json()) == ["source"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"x-big": "a" * 20_000}, {f"x-h{i}": "1" for i in range(150)}],
+    ids=["20 kB header", "150 headers"],
+)
+async def test_oversized_headers_are_431_with_a_request_id(
+    client: Client, headers: dict[str, str]
+) -> None:
+    response = await client.get("/health", headers=headers)
+    assert response.status_code == 431
+    assert response.json() == {"status_code": 431, "detail": "Request Header Fields Too Large"}
+    assert uuid.UUID(response.headers["x-request-id"]).version == 4
+    ordinary = await client.get("/health", headers={"x-small": "a" * 2_000})
+    assert ordinary.status_code == 200
