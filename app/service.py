@@ -9,6 +9,7 @@ bound, cancels what is left and closes the pools.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.metadata
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from observability.metrics import Metrics
 from persistence import reads, runs
 from persistence.database import create_pool, resolve_database_url
 from pipelines.config import SourceConfig
+from pipelines.process import ProcessRunner
 from pipelines.runner import Runner
 from pipelines.settings import Settings
 
@@ -113,9 +115,7 @@ class Service:
             async with self.pool.acquire() as conn:
                 for run_id in await runs.close_interrupted_runs(conn):
                     log.warning("run_interrupted_closed", closed_run_id=str(run_id))
-            runner = self._given_runner or Runner(
-                self.pool, self.settings, self.sources, self.metrics
-            )
+            runner = self._given_runner or self._default_runner()
             self._loop = IngestionLoop(
                 runner,
                 self.metrics,
@@ -146,6 +146,15 @@ class Service:
         if interrupted and self._url is not None:
             await self._close_interrupted(self._url)
         log.info("service_stopped", run_interrupted=interrupted)
+
+    def _default_runner(self) -> RunnerLike:
+        if self._url is None:
+            # A pool handed in (tests, embedding): runs stay in this process.
+            return Runner(self.pool, self.settings, self.sources, self.metrics)
+        # Runs go to a child process so that parsing never competes with requests
+        # for this interpreter (pipelines/process.py).
+        settings = dataclasses.replace(self.settings, database_url=self._url)
+        return ProcessRunner(settings, self.sources, self.metrics)
 
     async def _open_pools(self) -> None:
         if self._given_pool is not None:

@@ -6,6 +6,10 @@ stages, statuses, drift kinds, HTTP methods and route templates.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _RUN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -57,3 +61,33 @@ class Metrics:
             buckets=_HTTP_BUCKETS,
             registry=r,
         )
+
+    def observe_run(self, run: Mapping[str, Any], unified_rows: int | None = None) -> None:
+        """Count one finished run from its run object (contract section 3).
+
+        The same figures whether the run happened in this process or in a child
+        process that handed its run object back.
+        """
+        self.runs.labels(status=str(run["status"])).inc()
+        self.duration.observe(float(run.get("duration_seconds") or 0.0))
+        now = time.time()
+        for name, source in (run.get("sources") or {}).items():
+            for stage, key in _STAGES:
+                self.records.labels(source=name, stage=stage).inc(int(source.get(key) or 0))
+            for event in source.get("drift") or ():
+                self.drift.labels(source=name, kind=str(event.get("kind"))).inc()
+            if source.get("status") == "failed":
+                self.failures.labels(source=name).inc()
+            else:
+                self.last_success.labels(source=name).set(now)
+        if unified_rows is not None:
+            self.unified_rows.set(unified_rows)
+
+
+_STAGES = (
+    ("fetched", "fetched"),
+    ("raw_inserted", "raw_inserted"),
+    ("duplicate", "duplicates"),
+    ("rejected", "rejected"),
+    ("unified_upserted", "unified_upserted"),
+)

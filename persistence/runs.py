@@ -162,3 +162,9 @@ async def get_run(conn: Queryable, run_id: uuid.UUID) -> dict[str, Any] | None:
 async def list_runs(conn: Queryable, limit: int) -> list[dict[str, Any]]:
     """Newest first."""
     return [_run_object(row) for row in await conn.fetch(_LIST_RUNS, limit)]
+
+
+async def unified_total(conn: Queryable) -> int:
+    """Rows in ``unified_data``, from the counts its triggers keep (no table scan)."""
+    total = await conn.fetchval("SELECT coalesce(sum(rows), 0)::bigint FROM unified_counts")
+    return int(total)

@@ -27,3 +27,7 @@ class InjectedFailure(KasparroError):
 
 class RunRecordError(KasparroError):
     """The end of a run could not be recorded (the database went away)."""
+
+
+class DatabaseUnavailableError(KasparroError):
+    """The database cannot be reached or dropped the connection."""

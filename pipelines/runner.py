@@ -171,7 +171,7 @@ class Runner:
                 await self._unlock(control, run_id, mine)
         run = await runs.get_run(self.pool, run_id)
         assert run is not None
-        self._observe(states, status, time.monotonic() - started)
+        self.metrics.observe_run(run, await runs.unified_total(self.pool))
         log_.info(
             "etl_run_finished",
             status=status,
@@ -248,27 +248,6 @@ class Runner:
         keys = [runs.source_lock_key(s.name) for s in sources] + [runs.run_lock_key(run_id)]
         with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
             await control.execute("SELECT pg_advisory_unlock(k) FROM unnest($1::bigint[]) k", keys)
-
-    def _observe(self, states: Sequence[_SourceState], status: str, duration: float) -> None:
-        m = self.metrics
-        m.runs.labels(status=status).inc()
-        m.duration.observe(duration)
-        now = time.time()
-        for s in states:
-            name = s.config.name
-            c = s.counts
-            for stage, value in (
-                ("fetched", c.fetched),
-                ("raw_inserted", c.raw_inserted),
-                ("duplicate", c.duplicates),
-                ("rejected", c.rejected),
-                ("unified_upserted", c.unified_upserted),
-            ):
-                m.records.labels(source=name, stage=stage).inc(value)
-            if s.status == "failed":
-                m.failures.labels(source=name).inc()
-            else:
-                m.last_success.labels(source=name).set(now)
 
     async def _ingest(
         self, run_id: uuid.UUID, sources: Sequence[SourceConfig], log_: Any
@@ -447,7 +426,6 @@ class Runner:
                 await batches.add_counts(conn, run_id, source.name, counts)
         state.drift.extend(new_events)
         for drift_event in new_events:
-            self.metrics.drift.labels(source=source.name, kind=drift_event["kind"]).inc()
             log.warning("schema_drift", source=source.name, run_id=str(run_id), **drift_event)
         if outcome.error is not None:
             # The raw records are kept; nothing else of this batch moves forward.

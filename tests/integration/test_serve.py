@@ -215,6 +215,36 @@ async def test_sigterm_during_a_run_exits_0_within_10_s_and_closes_the_run(
     assert any(e["event"] == "service_stopped" for e in events)
 
 
+@pytest.mark.slow
+async def test_a_killed_service_leaves_no_ingestion_running_behind(
+    tmp_path: Path, database_url: str, serve: Callable[[dict[str, str]], Served]
+) -> None:
+    # The run goes on in a child process; with the service gone, it must stop
+    # (after its batch in flight) instead of ingesting on as an orphan.
+    sources = _files(tmp_path, 600_000)
+    served = serve(_env(database_url, sources, API_KEY=KEY))
+    served.listening()
+    served.poll(
+        "/stats",
+        lambda r: r.json()["sources"]["csv"]["raw_records"] > 0,
+        timeout=20,
+    )
+    served.process.kill()
+    served.process.wait(timeout=5)
+    deadline = time.monotonic() + 8
+    while (await _runs(database_url))[0]["status"] == "running":
+        assert time.monotonic() < deadline, "the run went on without the service"
+        await asyncio.sleep(0.1)
+    conn = await asyncpg.connect(database_url)
+    try:
+        error = await conn.fetchval("SELECT error FROM etl_run_sources WHERE source = 'csv'")
+        stored = await conn.fetchval("SELECT count(*) FROM raw_csv_data")
+    finally:
+        await conn.close()
+    assert error.startswith("stopped")
+    assert 0 < stored < 600_000
+
+
 async def test_log_lines_are_json_and_the_run_summary_carries_its_counts(
     tmp_path: Path, database_url: str, serve: Callable[[dict[str, str]], Served]
 ) -> None:

@@ -1,0 +1,273 @@
+"""Runs in a child process: the service's ingestion, away from its event loop.
+
+Parsing, transforming and encoding a batch are CPU work that holds the GIL; in
+the service's own interpreter they would queue behind and in front of every
+request, and reads would slow down by several times while a large run goes on.
+So the service hands each run to a child process (``python -m
+pipelines.process``) and keeps only the waiting:
+
+- the job (settings, sources, trigger, source names) goes to the child on its
+  standard input, pickled: no file ever holds the settings, keys included;
+- the child runs :class:`pipelines.runner.Runner` on a pool of its own and
+  writes the outcome (the run object, or the error that ended the run) to a
+  result file in a private temporary folder;
+- SIGTERM or SIGINT to the child is a graceful stop: the batch in flight
+  commits and the run is closed; a child whose parent is gone stops the same
+  way, so a killed service never leaves an orphan ingesting on;
+- the parent counts the run's metrics from the run object it gets back.
+
+The child's log lines go to the service's own standard output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import structlog
+
+from observability.metrics import Metrics
+from pipelines import errors
+from pipelines.config import SourceConfig
+from pipelines.errors import DatabaseUnavailableError, InjectedFailure, KasparroError
+from pipelines.settings import Settings
+
+log = structlog.get_logger("kasparro.process")
+
+PARENT_POLL_SECONDS = 0.5
+"""How often the child checks that the service that started it is still there."""
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What one run in a child process needs; ``settings.database_url`` is set."""
+
+    settings: Settings
+    sources: list[SourceConfig]
+    trigger: str
+    names: tuple[str, ...] | None
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """The child's answer: a run object, or why there is none."""
+
+    run: dict[str, Any] | None = None
+    unified_rows: int | None = None
+    error: str | None = None
+    error_type: str | None = None
+    """The class of an error the project raises on purpose (``None``: a bug)."""
+
+
+class ChildRunError(KasparroError):
+    """A run in the child process ended without a run object."""
+
+
+class ChildCrashError(Exception):
+    """The child process died or answered nothing: a bug, not an expected failure."""
+
+
+class ProcessRunner:
+    """Runs each ETL run in a child process; the service's loop uses it like a Runner.
+
+    Args:
+        settings: the service settings, with ``database_url`` resolved (the
+            embedded server's URL when that is in use).
+        sources: the declared sources.
+        metrics: the service's metrics, counted from each run object.
+    """
+
+    def __init__(self, settings: Settings, sources: list[SourceConfig], metrics: Metrics) -> None:
+        if settings.database_url is None:
+            raise ValueError("a child process needs the database URL resolved")
+        self.settings = settings
+        self.sources = sources
+        self.metrics = metrics
+        self._lock = asyncio.Lock()
+        self._process: asyncio.subprocess.Process | None = None
+        self._stop_requested = False
+
+    @property
+    def running(self) -> bool:
+        return self._lock.locked()
+
+    def request_stop(self) -> None:
+        """Graceful stop: the child commits the batch in flight and closes the run."""
+        self._stop_requested = True
+        process = self._process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+
+    async def run(self, trigger: str, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """One run in a child process; returns its run object.
+
+        Raises:
+            ChildRunError: the run ended without a run object for an expected
+                reason (the database went away); the message says which.
+            ChildCrashError: the child died without answering.
+        """
+        async with self._lock:
+            self._stop_requested = False
+            job = Job(self.settings, self.sources, trigger, tuple(names) if names else None)
+            with tempfile.TemporaryDirectory(prefix="kasparro-run-") as folder:
+                result = Path(folder) / "outcome.json"
+                returncode = await self._spawn_and_wait(job, result)
+                outcome = _read_outcome(result)
+            if outcome is None:
+                raise ChildCrashError(
+                    f"the ingestion process exited with {returncode} and no result"
+                )
+            if outcome.run is None:
+                raise _error_of(outcome)
+            self.metrics.observe_run(outcome.run, outcome.unified_rows)
+            return outcome.run
+
+    async def _spawn_and_wait(self, job: Job, result: Path) -> int:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pipelines.process",
+            str(result),
+            stdin=asyncio.subprocess.PIPE,
+            env=env,
+            # Its own session: a Ctrl-C on the terminal reaches the service, which
+            # then stops the child gracefully, instead of both at once.
+            start_new_session=True,
+        )
+        self._process = process
+        self.metrics.running.set(1)
+        try:
+            assert process.stdin is not None
+            process.stdin.write(pickle.dumps(job))
+            with contextlib.suppress(ConnectionError):
+                await process.stdin.drain()
+            process.stdin.close()
+            if self._stop_requested:
+                self.request_stop()
+            return await process.wait()
+        except BaseException:
+            # Cancelled (a stop that ran out of time) or failed: never leave the
+            # child behind. Its run is closed as interrupted by the service.
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+            raise
+        finally:
+            self.metrics.running.set(0)
+            self._process = None
+
+
+def _error_of(outcome: Outcome) -> Exception:
+    """The child's error as the parent raises it: the same class when it is ours."""
+    message = outcome.error or "the ingestion process gave no run"
+    if outcome.error_type is None:
+        return ChildCrashError(message)
+    cls = getattr(errors, outcome.error_type, None)
+    if isinstance(cls, type) and issubclass(cls, KasparroError) and cls is not InjectedFailure:
+        return cls(message)
+    return ChildRunError(message)
+
+
+def _read_outcome(path: Path) -> Outcome | None:
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Outcome)
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+def _write_outcome(path: Path, outcome: Outcome) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_bytes(msgspec.json.encode(outcome))
+    partial.replace(path)
+
+
+# -- the child ------------------------------------------------------------------
+
+
+async def _child(job: Job) -> Outcome:
+    from persistence import runs
+    from persistence.database import create_pool
+    from pipelines.runner import Runner
+
+    assert job.settings.database_url is not None
+    pool = await create_pool(job.settings.database_url, max_size=4)
+    try:
+        runner = Runner(pool, job.settings, job.sources, Metrics())
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, runner.request_stop)
+        watcher = asyncio.create_task(_watch_parent(os.getppid(), runner.request_stop))
+        try:
+            run = await runner.run(job.trigger, job.names)
+        finally:
+            watcher.cancel()
+        unified: int | None = None
+        with contextlib.suppress(Exception):
+            unified = await runs.unified_total(pool)
+        return Outcome(run=run, unified_rows=unified)
+    finally:
+        await pool.close()
+
+
+async def _watch_parent(parent: int, stop: Any) -> None:
+    while True:  # the parent may die at any instant; nothing signals it
+        await asyncio.sleep(PARENT_POLL_SECONDS)
+        if os.getppid() != parent:
+            break
+    log.warning("etl_parent_gone", parent_pid=parent)
+    stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the child: ``python -m pipelines.process RESULT_FILE``."""
+    from observability.logging import configure_logging
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m pipelines.process RESULT_FILE (job on stdin)", file=sys.stderr)
+        return 2
+    result = Path(args[0])
+    # The job comes from the service that started this process, on a pipe only
+    # the two of them hold.
+    job: Job = pickle.loads(sys.stdin.buffer.read())  # noqa: S301
+    configure_logging(job.settings.log_format, job.settings.log_level, stream=sys.stdout)
+    try:
+        outcome = asyncio.run(_child(job))
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # The database went away before the run could be recorded: a routine
+        # outage, reported in one line (the next run closes this one if need be).
+        outcome = Outcome(
+            error=f"database unavailable: {type(exc).__name__}: {_one_line(exc)}",
+            error_type=DatabaseUnavailableError.__name__,
+        )
+    except KasparroError as exc:
+        outcome = Outcome(error=_one_line(exc), error_type=type(exc).__name__)
+    except Exception as exc:  # a bug: the service logs it with this message
+        log.exception("etl_process_crashed")
+        outcome = Outcome(error=f"{type(exc).__name__}: {_one_line(exc)}")
+    _write_outcome(result, outcome)
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
