@@ -6,12 +6,14 @@ so a crash at any instant loses nothing and duplicates nothing.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import msgspec
 
 from persistence.types import Conn, Queryable
@@ -116,13 +118,20 @@ class BatchColumns:
     rejected_reason: list[str | None] = field(default_factory=list)
 
 
-def _write_batch_sql(table: str) -> str:
+@functools.cache
+def _write_batch_sql(table: str, optimistic: bool) -> str:
     # The whole batch is ONE statement, hence one implicit transaction and one
     # round trip: the raw insert's RETURNING feeds the rejections and the unified
     # upsert, and the checkpoint and run counters move in the same statement.
     # Data-modifying CTEs always run to completion, referenced or not.
     # DISTINCT ON keeps one row per name (the batch's winner), because an upsert
     # may not touch a row twice.
+    #
+    # ``optimistic`` drops ON CONFLICT from the raw insert: the unique index still
+    # refuses a stored record (the whole statement then fails and changes
+    # nothing), but a batch of new records skips the speculative insertion that
+    # ON CONFLICT pays on every row (measured: about 40% of the raw insert).
+    conflict = "" if optimistic else "ON CONFLICT (source, content_hash) DO NOTHING"
     return f"""
 WITH input AS (
     SELECT * FROM unnest($3::bytea[], $4::text[], $5::text[], $6::float8[],
@@ -134,7 +143,7 @@ ins AS (
     -- source's order (no sort: it would move every payload once more).
     INSERT INTO {table} (source, run_id, content_hash, payload, ingested_at)
     SELECT $1, $2, h, p::jsonb, $11 FROM input
-    ON CONFLICT (source, content_hash) DO NOTHING
+    {conflict}
     RETURNING id, content_hash
 ),
 fresh AS (
@@ -156,11 +165,19 @@ best AS (
     FROM fresh WHERE rej_field IS NULL
     ORDER BY name, coalesce(observed_at, $11) DESC, raw_id DESC
 ),
+contenders AS (
+    -- Only rows that beat the stored one reach the upsert: a losing row would
+    -- still be locked by ON CONFLICT (a write and a WAL record) for nothing. The
+    -- upsert keeps its own guard, so a concurrent writer cannot be overtaken.
+    SELECT b.* FROM best b LEFT JOIN unified_data cur ON cur.name = b.name
+    WHERE cur.name IS NULL
+        OR (b.observed_at, -$12::int, b.raw_id) > (cur.observed_at, -cur.priority, cur.raw_id)
+),
 up AS (
     INSERT INTO unified_data AS u
         (name, value, source, observed_at, ingested_at, priority, raw_id, source_record_id,
          run_id, updated_at)
-    SELECT name, value, $1, observed_at, $11, $12, raw_id, record_id, $2, now() FROM best
+    SELECT name, value, $1, observed_at, $11, $12, raw_id, record_id, $2, now() FROM contenders
     ON CONFLICT (name) DO UPDATE SET
         value = excluded.value, source = excluded.source, observed_at = excluded.observed_at,
         ingested_at = excluded.ingested_at, priority = excluded.priority,
@@ -213,6 +230,7 @@ async def write_batch(
     cursor: dict[str, Any],
     schema: dict[str, str] | None,
     drift: Sequence[dict[str, Any]] = (),
+    optimistic: bool = False,
 ) -> tuple[int, int, int]:
     """Commit one batch: new raw records, rejections, unified winners, checkpoint,
     drift events and run counters, atomically (a single statement).
@@ -220,12 +238,15 @@ async def write_batch(
     Args:
         fetched: records the source emitted for this batch, within-batch
             repeats included (they count as duplicates).
+        optimistic: expect every record to be new (see :class:`BatchWriter`);
+            raises ``asyncpg.UniqueViolationError``, having changed nothing,
+            when one is already stored.
 
     Returns:
         ``(raw_inserted, rejected, unified_upserted)``.
     """
     row = await conn.fetchrow(
-        _write_batch_sql(table),
+        _write_batch_sql(table, optimistic),
         source,
         run_id,
         cols.content_hash,
@@ -249,6 +270,48 @@ async def write_batch(
     )
     assert row is not None
     return int(row["inserted"]), int(row["rejected"]), int(row["upserted"])
+
+
+SAFE_BATCHES_AFTER_DUPLICATE = 16
+"""Batches written the careful way after one of a source held a stored record."""
+
+
+@dataclass(slots=True)
+class InsertMode:
+    """Per source and run: may the next batch expect only new records?
+
+    A first load, or new rows appended to a file, brings only new records, and
+    the raw insert is then cheaper without ON CONFLICT. A re-read (after a reset,
+    a rewritten file, an API that returns the same records every run) brings
+    stored ones: the optimistic statement fails as a whole, changing nothing,
+    and the batch is written again the careful way; the next batches stay
+    careful until a run of them finds nothing already stored.
+    """
+
+    careful: int = 0
+
+
+def _raw_unique_constraint(table: str) -> str:
+    return f"uq_{table}_source_content_hash"
+
+
+async def write_batch_adaptive(
+    conn: Conn, table: str, cols: BatchColumns, mode: InsertMode, **kwargs: Any
+) -> tuple[int, int, int]:
+    """:func:`write_batch`, optimistic while records keep being new."""
+    if mode.careful == 0:
+        try:
+            return await write_batch(conn, table, cols, optimistic=True, **kwargs)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != _raw_unique_constraint(table):
+                raise
+        mode.careful = SAFE_BATCHES_AFTER_DUPLICATE
+    result = await write_batch(conn, table, cols, optimistic=False, **kwargs)
+    if result[0] < len(cols.content_hash):
+        mode.careful = SAFE_BATCHES_AFTER_DUPLICATE
+    else:
+        mode.careful -= 1
+    return result
 
 
 def winners(rows: Sequence[UnifiedRow]) -> list[UnifiedRow]:

@@ -53,6 +53,7 @@ class _SourceState:
     error: str | None = None
     done: bool = False
     task: asyncio.Task[None] | None = None
+    insert_mode: batches.InsertMode = field(default_factory=batches.InsertMode)
 
     @property
     def status(self) -> str:
@@ -399,10 +400,15 @@ class Runner:
         cols = prepared.columns
         if outcome.error is None:
             async with self.pool.acquire() as conn:
-                inserted, counts.rejected, counts.unified_upserted = await batches.write_batch(
+                (
+                    inserted,
+                    counts.rejected,
+                    counts.unified_upserted,
+                ) = await batches.write_batch_adaptive(
                     conn,
                     source.raw_table,
                     cols,
+                    state.insert_mode,
                     source=source.name,
                     priority=source.priority,
                     run_id=run_id,
