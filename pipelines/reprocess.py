@@ -13,7 +13,7 @@ from persistence.batches import UnifiedRow
 from persistence.types import Conn
 from pipelines.config import SourceConfig
 from pipelines.drift import detect_drift
-from pipelines.runner import Evaluated, evaluate
+from pipelines.prepare import Evaluated, evaluate
 from pipelines.transform import Unified
 
 _decoder = msgspec.json.Decoder()

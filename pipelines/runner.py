@@ -22,15 +22,14 @@ import structlog
 
 from observability.metrics import Metrics
 from persistence import batches, runs
-from persistence.batches import BatchColumns, BatchCounts
+from persistence.batches import BatchCounts
 from persistence.types import Conn
-from pipelines.config import FieldMapping, SourceConfig
-from pipelines.drift import DriftOutcome, detect_drift
+from pipelines.config import SourceConfig
 from pipelines.errors import InjectedFailure, RunRecordError, SourceError
-from pipelines.records import Chunk, RawRecord
+from pipelines.prepare import Prepared, prepare
+from pipelines.records import Chunk
 from pipelines.settings import Settings
 from pipelines.sources.files import read_csv, read_json
-from pipelines.transform import Rejection, Unified, lookup, transform
 
 log = structlog.get_logger("kasparro.runner")
 
@@ -38,8 +37,6 @@ QUEUE_CHUNKS = 4
 STOPPED = "stopped: the service is shutting down"
 
 Progress = Callable[[str, BatchCounts], None]
-#: A transformed record and its source-side id.
-Evaluated = tuple[Unified | Rejection, str | None]
 
 
 @dataclass(slots=True)
@@ -58,19 +55,6 @@ class _SourceState:
     @property
     def status(self) -> str:
         return "failed" if self.error is not None or not self.done else "success"
-
-
-@dataclass(slots=True)
-class _Prepared:
-    """A chunk with its drift outcome and every record already transformed.
-
-    Preparing is pure CPU work, done in a worker thread by the producer so that
-    it overlaps the database writing the previous chunk.
-    """
-
-    chunk: Chunk
-    outcome: DriftOutcome
-    columns: BatchColumns
 
 
 @dataclass(slots=True)
@@ -255,7 +239,7 @@ class Runner:
     ) -> list[_SourceState]:
         committed = await batches.load_checkpoints(self.pool, [s.name for s in sources])
         states = [_SourceState(s, *committed.get(s.name, ({}, None))) for s in sources]
-        queue: asyncio.Queue[tuple[_SourceState, _Prepared | _End]] = asyncio.Queue(QUEUE_CHUNKS)
+        queue: asyncio.Queue[tuple[_SourceState, Prepared | _End]] = asyncio.Queue(QUEUE_CHUNKS)
         batch_size = self._batch_size()
         http_session = await self._http_session(sources)
         try:
@@ -307,7 +291,7 @@ class Runner:
     async def _produce(
         self,
         state: _SourceState,
-        queue: asyncio.Queue[tuple[_SourceState, _Prepared | _End]],
+        queue: asyncio.Queue[tuple[_SourceState, Prepared | _End]],
         batch_size: int,
         http_session: Any,
     ) -> None:
@@ -324,7 +308,7 @@ class Runner:
                 self._read_total += len(chunk.records)
                 if limit is not None and self._read_total >= limit:
                     raise InjectedFailure()
-                prepared = await asyncio.to_thread(_prepare, state.config, chunk, schema)
+                prepared = await asyncio.to_thread(prepare, state.config, chunk, schema)
                 await queue.put((state, prepared))
                 if prepared.outcome.error is not None:
                     break  # the writer keeps the raw records and fails the source
@@ -344,7 +328,7 @@ class Runner:
         self,
         run_id: uuid.UUID,
         states: Sequence[_SourceState],
-        queue: asyncio.Queue[tuple[_SourceState, _Prepared | _End]],
+        queue: asyncio.Queue[tuple[_SourceState, Prepared | _End]],
         log_: Any,
     ) -> None:
         open_sources = len(states)
@@ -366,11 +350,7 @@ class Runner:
                 if item.error is not None:
                     log_.warning("source_failed", source=state.config.name, error=state.error)
                 continue
-            if (
-                state.error is not None
-                or injected
-                or (self._stop.is_set() and not item.chunk.final)
-            ):
+            if state.error is not None or injected or (self._stop.is_set() and not item.final):
                 if state.error is None:
                     state.error = STOPPED
                 continue
@@ -385,10 +365,10 @@ class Runner:
                 self.progress(state.config.name, state.counts)
 
     async def _write(
-        self, run_id: uuid.UUID, state: _SourceState, prepared: _Prepared
+        self, run_id: uuid.UUID, state: _SourceState, prepared: Prepared
     ) -> BatchCounts:
         source = state.config
-        chunk, outcome = prepared.chunk, prepared.outcome
+        outcome = prepared.outcome
         new_events: list[dict[str, Any]] = []
         for event in outcome.events:
             key = (event.kind, event.field, event.new_field)
@@ -396,7 +376,7 @@ class Runner:
                 state.drift_seen.add(key)
                 new_events.append(event.to_dict())
         ingested_at = datetime.now(UTC)
-        counts = BatchCounts(fetched=len(chunk.records))
+        counts = BatchCounts(fetched=prepared.fetched)
         cols = prepared.columns
         if outcome.error is None:
             async with self.pool.acquire() as conn:
@@ -414,7 +394,7 @@ class Runner:
                     run_id=run_id,
                     ingested_at=ingested_at,
                     fetched=counts.fetched,
-                    cursor=chunk.cursor,
+                    cursor=prepared.cursor,
                     schema=outcome.schema,
                     drift=new_events,
                 )
@@ -438,7 +418,7 @@ class Runner:
             state.error = outcome.error
         else:
             state.schema = outcome.schema
-            state.cursor = chunk.cursor
+            state.cursor = prepared.cursor
         log.debug(
             "batch_committed",
             source=source.name,
@@ -450,49 +430,3 @@ class Runner:
             unified_upserted=counts.unified_upserted,
         )
         return counts
-
-
-def _prepare(source: SourceConfig, chunk: Chunk, schema: dict[str, str] | None) -> _Prepared:
-    # Identical records within a chunk are one record (the later copies are duplicates).
-    distinct: dict[bytes, RawRecord] = {}
-    for record in chunk.records:
-        distinct.setdefault(record.content_hash, record)
-    records = list(distinct.values())
-    payloads = [r.payload for r in records]
-    outcome = detect_drift(source, payloads, schema)
-    cols = BatchColumns(
-        content_hash=[r.content_hash for r in records],
-        payload=[r.data.decode() for r in records],
-    )
-    if outcome.error is None:
-        for result, record_id in evaluate(payloads, outcome.mapping):
-            if isinstance(result, Rejection):
-                cols.name.append(None)
-                cols.value.append(None)
-                cols.observed_at.append(None)
-                cols.record_id.append(None)
-                cols.rejected_field.append(result.field)
-                cols.rejected_reason.append(result.reason)
-            else:
-                cols.name.append(result.name)
-                cols.value.append(result.value)
-                cols.observed_at.append(result.observed_at)
-                cols.record_id.append(record_id)
-                cols.rejected_field.append(None)
-                cols.rejected_reason.append(None)
-    return _Prepared(chunk, outcome, cols)
-
-
-def evaluate(payloads: Sequence[Any], mapping: FieldMapping) -> list[Evaluated]:
-    """Transform each record and pick its source-side id (pure)."""
-    out: list[Evaluated] = []
-    id_path = mapping.id
-    for payload in payloads:
-        result = transform(payload, mapping)
-        record_id = None
-        if id_path and isinstance(result, Unified):
-            found = lookup(payload, id_path)
-            if isinstance(found, str | int | float) and not isinstance(found, bool):
-                record_id = str(found)
-        out.append((result, record_id))
-    return out

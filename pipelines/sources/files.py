@@ -357,21 +357,48 @@ def _is_json(data: bytes) -> bool:
     return True
 
 
+def read_error(exc: Exception, label: str) -> SourceError | None:
+    """The one-line source error a reading failure means, ``None`` for a bug."""
+    if isinstance(exc, FileNotFoundError):
+        return SourceError(f"{label}: file not found")
+    if isinstance(exc, SourceError):
+        return SourceError(f"{label}: {exc}")
+    if isinstance(exc, OSError):
+        return SourceError(f"{label}: cannot read ({exc.strerror or exc})")
+    return None
+
+
 async def _drive(chunks: Iterator[Chunk], label: str) -> AsyncIterator[Chunk]:
     """Pull chunks from a synchronous generator in a worker thread."""
     sentinel: Any = object()
     while True:
         try:
             chunk = await asyncio.to_thread(next, chunks, sentinel)
-        except FileNotFoundError:
-            raise SourceError(f"{label}: file not found") from None
-        except SourceError as exc:
-            raise SourceError(f"{label}: {exc}") from None
-        except OSError as exc:
-            raise SourceError(f"{label}: cannot read ({exc.strerror or exc})") from None
+        except (SourceError, OSError) as exc:
+            raise read_error(exc, label) or exc from None
         if chunk is sentinel:
             return
         yield chunk
+
+
+def file_chunks(
+    source: SourceConfig, cursor: Mapping[str, Any] | None, batch_size: int
+) -> Iterator[Chunk]:
+    """The chunks of a file source, synchronously (for a parse process)."""
+    path = _check_file(source)
+    if source.kind == "csv":
+        return _csv_chunks(path, cursor, batch_size)
+    return _json_chunks(source, path, cursor, batch_size)
+
+
+def unread_bytes(source: SourceConfig, cursor: Mapping[str, Any] | None) -> int:
+    """About how much of the file a run would read from ``cursor`` (0 when absent)."""
+    try:
+        size = source.path.stat().st_size
+    except OSError:
+        return 0
+    offset = (cursor or {}).get("offset")
+    return size - offset if isinstance(offset, int) and 0 <= offset <= size else size
 
 
 def _check_file(source: SourceConfig) -> Path:
