@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,10 +26,11 @@ from persistence.batches import BatchCounts
 from persistence.types import Conn
 from pipelines.config import SourceConfig
 from pipelines.errors import InjectedFailure, RunRecordError, SourceError
+from pipelines.parse_process import prepared_in_process
 from pipelines.prepare import Prepared, prepare
 from pipelines.records import Chunk
 from pipelines.settings import Settings
-from pipelines.sources.files import read_csv, read_json
+from pipelines.sources.files import read_csv, read_json, unread_bytes
 
 log = structlog.get_logger("kasparro.runner")
 
@@ -278,7 +279,7 @@ class Runner:
 
     def _reader(
         self, state: _SourceState, batch_size: int, http_session: Any
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         source = state.config
         if source.kind == "csv":
             return read_csv(source, state.cursor, batch_size)
@@ -287,6 +288,30 @@ class Runner:
         from pipelines.sources.http import read_http
 
         return read_http(source, state.cursor, batch_size, session=http_session)
+
+    def _prepared(
+        self, state: _SourceState, batch_size: int, http_session: Any
+    ) -> AsyncGenerator[Prepared, None]:
+        """The source's chunks, prepared: by a parse process for a large file."""
+        source = state.config
+        if (
+            source.kind in ("csv", "json")
+            and unread_bytes(source, state.cursor) >= self.settings.etl_parse_process_min_bytes
+        ):
+            return prepared_in_process(source, state.cursor, state.schema, batch_size)
+        return self._prepared_in_thread(state, batch_size, http_session)
+
+    async def _prepared_in_thread(
+        self, state: _SourceState, batch_size: int, http_session: Any
+    ) -> AsyncGenerator[Prepared, None]:
+        schema = state.schema
+        async with contextlib.aclosing(self._reader(state, batch_size, http_session)) as chunks:
+            async for chunk in chunks:
+                if self._stop.is_set():
+                    return  # not worth preparing: the producer stops at this chunk
+                prepared = await asyncio.to_thread(prepare, state.config, chunk, schema)
+                schema = prepared.outcome.schema
+                yield prepared
 
     async def _produce(
         self,
@@ -297,22 +322,22 @@ class Runner:
     ) -> None:
         limit = self.settings.etl_fail_after_records
         end = _End()
-        schema = state.schema
+        complete = False  # the source's final chunk went to the writer
         try:
-            async for chunk in self._reader(state, batch_size, http_session):
-                if self._stop.is_set():
-                    end = _End(STOPPED)
-                    break
-                if state.error is not None:
-                    break  # the writer failed this source; stop reading it
-                self._read_total += len(chunk.records)
-                if limit is not None and self._read_total >= limit:
-                    raise InjectedFailure()
-                prepared = await asyncio.to_thread(prepare, state.config, chunk, schema)
-                await queue.put((state, prepared))
-                if prepared.outcome.error is not None:
-                    break  # the writer keeps the raw records and fails the source
-                schema = prepared.outcome.schema
+            stream = self._prepared(state, batch_size, http_session)
+            async with contextlib.aclosing(stream) as prepared_chunks:
+                async for prepared in prepared_chunks:
+                    if self._stop.is_set() or state.error is not None:
+                        break  # stopping, or the writer failed this source
+                    self._read_total += prepared.fetched
+                    if limit is not None and self._read_total >= limit:
+                        raise InjectedFailure()
+                    await queue.put((state, prepared))
+                    complete = prepared.final
+                    if prepared.outcome.error is not None:
+                        break  # the writer keeps the raw records and fails the source
+            if self._stop.is_set() and not complete:
+                end = _End(STOPPED)
         except InjectedFailure as exc:
             end = _End(str(exc))
         except SourceError as exc:

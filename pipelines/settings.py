@@ -56,6 +56,9 @@ class Settings:
     """Controlled failure after this many records read in a run (never in production)."""
     etl_batch_size: int = 5000
     """Records per batch (one transaction each)."""
+    etl_parse_process_min_bytes: int = 8 * 1024 * 1024
+    """A file source with at least this much left to read is parsed in a process
+    of its own, in parallel with the writes; 0 = always."""
     host: str = "127.0.0.1"
     port: int = 8000
     log_format: str = field(
@@ -239,6 +242,7 @@ def load_settings(
         raise ConfigError(f"LOG_LEVEL: expected one of {sorted(_LOG_LEVELS)}, got {log_level!r}")
 
     batch_size = _integer(env, "ETL_BATCH_SIZE", minimum=1)
+    parse_process_min = _integer(env, "ETL_PARSE_PROCESS_MIN_BYTES", minimum=0)
 
     return Settings(
         database_url=database_url,
@@ -255,6 +259,9 @@ def load_settings(
         etl_on_startup=_bool(env, "ETL_ON_STARTUP", True),
         etl_fail_after_records=fail_after,
         etl_batch_size=batch_size if batch_size is not None else 5000,
+        etl_parse_process_min_bytes=(
+            parse_process_min if parse_process_min is not None else 8 * 1024 * 1024
+        ),
         host=env.get("HOST", "").strip() or "127.0.0.1",
         port=port,
         log_format=log_format,

@@ -19,7 +19,7 @@ import csv
 import hashlib
 import json
 import math
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -368,7 +368,7 @@ def read_error(exc: Exception, label: str) -> SourceError | None:
     return None
 
 
-async def _drive(chunks: Iterator[Chunk], label: str) -> AsyncIterator[Chunk]:
+async def _drive(chunks: Iterator[Chunk], label: str) -> AsyncGenerator[Chunk, None]:
     """Pull chunks from a synchronous generator in a worker thread."""
     sentinel: Any = object()
     while True:
@@ -410,7 +410,7 @@ def _check_file(source: SourceConfig) -> Path:
 
 async def read_csv(
     source: SourceConfig, cursor: Mapping[str, Any] | None, batch_size: int
-) -> AsyncIterator[Chunk]:
+) -> AsyncGenerator[Chunk, None]:
     """Stream a CSV file from the committed byte offset; rows become header-to-string objects."""
     path = _check_file(source)
     async for chunk in _drive(_csv_chunks(path, cursor, batch_size), source.name):
@@ -419,7 +419,7 @@ async def read_csv(
 
 async def read_json(
     source: SourceConfig, cursor: Mapping[str, Any] | None, batch_size: int
-) -> AsyncIterator[Chunk]:
+) -> AsyncGenerator[Chunk, None]:
     """A JSON array (high-water mark on observed_at) or JSON Lines (byte offsets)."""
     path = _check_file(source)
     async for chunk in _drive(_json_chunks(source, path, cursor, batch_size), source.name):

@@ -60,6 +60,23 @@ async def test_killed_run_is_closed_as_interrupted_and_the_rerun_stores_each_rec
             await asyncio.wait_for(victim.wait(), 30)
     assert victim.returncode == -9
 
+    # The server notices the dead client and drops its sessions, and with them
+    # the advisory locks the run held (that is how the next start knows it
+    # died). A batch statement already sent when the client died still runs to
+    # its end and commits, whole: wait for that too before counting.
+    async def sessions_gone() -> bool:
+        held: int = await pool.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+            "WHERE l.locktype = 'advisory' AND d.datname = current_database()"
+        )
+        busy: int = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND state <> 'idle'"
+        )
+        return held == 0 and busy == 0
+
+    await wait_for(sessions_gone, within=30)
+
     stored = await count(pool, "raw_csv_data")
     assert 0 < stored < ROWS
     assert await pool.fetchval("SELECT count(*) FROM etl_runs WHERE status = 'running'") == 1
@@ -68,17 +85,6 @@ async def test_killed_run_is_closed_as_interrupted_and_the_rerun_stores_each_rec
     assert cursor is not None
     ends = row_end_offsets(data)
     assert cursor["offset"] == ends[stored - 1]
-
-    # The server notices the dead client and drops its session, and with it the
-    # advisory locks the run held (that is how the next start knows it died).
-    async def locks_released() -> bool:
-        held: int = await pool.fetchval(
-            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
-            "WHERE l.locktype = 'advisory' AND d.datname = current_database()"
-        )
-        return held == 0
-
-    await wait_for(locks_released, within=30)
 
     rerun = await asyncio.to_thread(run_cli, "etl", "run", "--json", env=env, timeout=180)
 
