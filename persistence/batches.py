@@ -116,6 +116,8 @@ class BatchColumns:
     record_id: list[str | None] = field(default_factory=list)
     rejected_field: list[str | None] = field(default_factory=list)
     rejected_reason: list[str | None] = field(default_factory=list)
+    document: str | None = None
+    """:func:`batch_document` of these columns, when made ahead (by the parser)."""
 
 
 @functools.cache
@@ -278,7 +280,7 @@ async def write_batch(
         _write_batch_sql(table, optimistic),
         source,
         run_id,
-        batch_document(cols),
+        cols.document if cols.document is not None else batch_document(cols),
         ingested_at,
         priority,
         fetched,

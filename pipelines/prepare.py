@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from persistence.batches import BatchColumns
+from persistence.batches import BatchColumns, batch_document
 from pipelines.config import FieldMapping, SourceConfig
 from pipelines.drift import DriftOutcome, detect_drift
 from pipelines.records import Chunk, RawRecord
@@ -69,6 +69,8 @@ def prepare(source: SourceConfig, chunk: Chunk, schema: dict[str, str] | None) -
                 cols.record_id.append(record_id)
                 cols.rejected_field.append(None)
                 cols.rejected_reason.append(None)
+        # Encoded here, off the writer's critical path.
+        cols.document = batch_document(cols)
     return Prepared(len(chunk.records), chunk.cursor, chunk.final, outcome, cols)
 
 
