@@ -36,6 +36,8 @@ class Sizes:
     http_pages: int
     read_seconds: float
     warmup_seconds: float
+    rounds: int = 1
+    """Loads of each ingestion scenario, Kasparro and reference taking turns."""
 
     @property
     def http_page_size(self) -> int:
@@ -57,6 +59,7 @@ FULL = Sizes(
     http_pages=100,
     read_seconds=5.0,
     warmup_seconds=1.0,
+    rounds=3,
 )
 
 # A smoke check: every scenario, small inputs. Reads still see 100k unified rows.

@@ -1,8 +1,11 @@
 """Child processes: a clean environment, and wall, CPU and peak RSS of one child.
 
 CPU figures come from ``os.wait4`` on the child itself, so they belong to that
-process alone (``RUSAGE_CHILDREN`` would fold every earlier child in). Peak RSS
-is the child's ``VmHWM``, sampled while it runs: the kernel's ``ru_maxrss`` of a
+process and the processes it started and reaped (a loader's parse process), and
+to no other child of the bench (``RUSAGE_CHILDREN`` would fold every earlier
+child in). Peak RSS is the child's ``VmHWM``, or the resident set of the child
+and its descendants together when larger, sampled every 20 ms while it runs: the
+kernel's ``ru_maxrss`` of a
 child also counts the parent's memory at the time of the spawn (the high-water
 mark of the image replaced by ``exec``), which would credit the bench's own
 memory to every process it starts.
@@ -164,13 +167,49 @@ def peak_rss_kb(pid: int) -> int | None:
     return None
 
 
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/task/{current}/children", encoding="ascii") as children:
+                kids = [int(k) for k in children.read().split()]
+        except (OSError, ValueError):
+            continue
+        found.extend(kids)
+        pending.extend(kids)
+    return found
+
+
+def tree_rss_kb(pid: int) -> int:
+    """Resident set of a process and every process under it (a parse process), now."""
+    return sum(_status_kb(p, "VmRSS:") for p in [pid, *_descendants(pid)])
+
+
 def _wait4(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, os.struct_rusage, int]:
-    """Reap the child; its status, resource usage and the largest ``VmHWM`` seen."""
+    """Reap the child; its status, resource usage and its peak memory.
+
+    The peak is the larger of the child's own ``VmHWM`` and the largest resident
+    set of the child and its descendants together seen by a sample, so a loader
+    that parses in a process of its own is charged for both.
+    """
     deadline = time.monotonic() + timeout
     peak = 0
     while True:
         # Sampled before the reap attempt: once reaped, /proc no longer shows it.
-        peak = max(peak, peak_rss_kb(proc.pid) or 0)
+        peak = max(peak, peak_rss_kb(proc.pid) or 0, tree_rss_kb(proc.pid))
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             return status, usage, peak

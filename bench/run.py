@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import os
 import shutil
 import sys
@@ -40,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m bench.run", description="Kasparro benchmarks against same-run baselines."
     )
     parser.add_argument("--quick", action="store_true", help="small inputs (100k-row CSV)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="loads per ingestion scenario, Kasparro and reference in turns (full: 3, quick: 1)",
+    )
     parser.add_argument(
         "--only",
         action="append",
@@ -84,6 +92,8 @@ def _load_average() -> float | None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        sizes = dataclasses.replace(sizes, rounds=max(1, args.rounds))
     load.preferred = args.load_generator
     selected = list(args.only or DEFAULT)
     if args.profile and "profile" not in selected:
