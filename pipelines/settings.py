@@ -54,7 +54,7 @@ class Settings:
     """Run once as soon as the service starts."""
     etl_fail_after_records: int | None = None
     """Controlled failure after this many records read in a run (never in production)."""
-    etl_batch_size: int = 5000
+    etl_batch_size: int = 10_000
     """Records per batch (one transaction each)."""
     etl_parse_process_min_bytes: int = 8 * 1024 * 1024
     """A file source with at least this much left to read is parsed in a process
@@ -258,7 +258,7 @@ def load_settings(
         etl_interval_seconds=_number(env, "ETL_INTERVAL_SECONDS", 300.0, minimum=0),
         etl_on_startup=_bool(env, "ETL_ON_STARTUP", True),
         etl_fail_after_records=fail_after,
-        etl_batch_size=batch_size if batch_size is not None else 5000,
+        etl_batch_size=batch_size if batch_size is not None else 10_000,
         etl_parse_process_min_bytes=(
             parse_process_min if parse_process_min is not None else 8 * 1024 * 1024
         ),

@@ -27,7 +27,7 @@ _ZERO = timedelta(0)
 MAX_NAME_LENGTH = 500
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Unified:
     """A valid record, ready for the unified table."""
 
@@ -36,7 +36,7 @@ class Unified:
     observed_at: datetime | None
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Rejection:
     """Why a record cannot enter the unified table."""
 

@@ -1,8 +1,9 @@
 """File sources: CSV and JSON (array or JSON Lines), read incrementally.
 
-Parsing is synchronous CPU work, so each chunk is produced in a worker thread
-(``asyncio.to_thread``) while the event loop keeps serving requests and the
-database writes the previous chunk.
+Parsing is synchronous CPU work: each chunk is produced in a worker thread
+(``asyncio.to_thread``) while the database writes the previous chunk, or, for a
+large file, in a parse process of its own (:mod:`pipelines.parse_process`,
+through :func:`file_chunks`), where it truly runs in parallel.
 
 Cursor of an offset-based file (CSV, JSON Lines)::
 

@@ -322,7 +322,7 @@ def _env_example_entries(*, commented: bool) -> dict[str, str]:
 def test_env_example_lists_every_setting_with_placeholders() -> None:
     entries = _env_example_entries(commented=True)
     assert [name for name in SETTINGS if name not in entries] == []
-    assert entries["ETL_BATCH_SIZE"] == "5000"
+    assert entries["ETL_BATCH_SIZE"] == "10000"
     for name, value in entries.items():
         if re.search(r"PASSWORD|SECRET|_KEY$", name):
             assert value.startswith("change-me"), f"{name} in .env.example looks like a real secret"

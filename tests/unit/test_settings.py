@@ -29,7 +29,7 @@ def test_defaults(sources_file: Path) -> None:
     assert settings.etl_interval_seconds == 300.0
     assert settings.etl_on_startup is True
     assert settings.etl_fail_after_records is None
-    assert settings.etl_batch_size == 5000
+    assert settings.etl_batch_size == 10_000
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.app_env == "development"
 
