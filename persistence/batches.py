@@ -117,7 +117,8 @@ class BatchColumns:
     rejected_field: list[str | None] = field(default_factory=list)
     rejected_reason: list[str | None] = field(default_factory=list)
     document: str | None = None
-    """:func:`batch_document` of these columns, when made ahead (by the parser)."""
+    """The batch already encoded (:func:`encode_rows`) by the parser; the other
+    lists but ``content_hash`` are then left empty (they would only travel)."""
 
 
 @functools.cache
@@ -224,14 +225,32 @@ SELECT inserted, rejected, upserted FROM counted
 """
 
 
-def batch_document(cols: BatchColumns) -> str:
+#: One row of the batch document: hash, payload (raw JSON), name, value,
+#: observed_at, record_id, rejected_field, rejected_reason.
+BatchRow = tuple[
+    bytes,
+    msgspec.Raw,
+    str | None,
+    float | None,
+    datetime | None,
+    str | None,
+    str | None,
+    str | None,
+]
+
+
+def encode_rows(rows: Sequence[BatchRow]) -> str:
     """The batch as one JSON array of rows, the statement's only large parameter.
 
-    Each row: ``[hash (base64), payload (as received), name, value, observed_at,
-    record_id, rejected_field, rejected_reason]``. Floats are written in their
-    shortest round-trip form, so the server reads back the very same value.
+    Hashes travel as base64 and payloads as the JSON they are. Floats are written
+    in their shortest round-trip form, so the server reads back the very same value.
     """
-    return _json.encode(
+    return _json.encode(rows).decode()
+
+
+def batch_document(cols: BatchColumns) -> str:
+    """:func:`encode_rows` of the per-field lists of ``cols``."""
+    return encode_rows(
         list(
             zip(
                 cols.content_hash,
@@ -245,7 +264,7 @@ def batch_document(cols: BatchColumns) -> str:
                 strict=True,
             )
         )
-    ).decode()
+    )
 
 
 async def write_batch(

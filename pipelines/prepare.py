@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from persistence.batches import BatchColumns, batch_document
+import msgspec
+
+from persistence.batches import BatchColumns, BatchRow, encode_rows
 from pipelines.config import FieldMapping, SourceConfig
 from pipelines.drift import DriftOutcome, detect_drift
 from pipelines.records import Chunk, RawRecord
@@ -49,28 +51,41 @@ def prepare(source: SourceConfig, chunk: Chunk, schema: dict[str, str] | None) -
     records = list(distinct.values())
     payloads = [r.payload for r in records]
     outcome = detect_drift(source, payloads, schema)
-    cols = BatchColumns(
-        content_hash=[r.content_hash for r in records],
-        payload=[r.data.decode() for r in records],
-    )
-    if outcome.error is None:
-        for result, record_id in evaluate(payloads, outcome.mapping):
-            if isinstance(result, Rejection):
-                cols.name.append(None)
-                cols.value.append(None)
-                cols.observed_at.append(None)
-                cols.record_id.append(None)
-                cols.rejected_field.append(result.field)
-                cols.rejected_reason.append(result.reason)
-            else:
-                cols.name.append(result.name)
-                cols.value.append(result.value)
-                cols.observed_at.append(result.observed_at)
-                cols.record_id.append(record_id)
-                cols.rejected_field.append(None)
-                cols.rejected_reason.append(None)
-        # Encoded here, off the writer's critical path.
-        cols.document = batch_document(cols)
+    hashes = [r.content_hash for r in records]
+    if outcome.error is not None:
+        # Only the raw records are written (the source fails): as text columns.
+        cols = BatchColumns(content_hash=hashes, payload=[r.data.decode() for r in records])
+        return Prepared(len(chunk.records), chunk.cursor, chunk.final, outcome, cols)
+    rows: list[BatchRow] = []
+    for record, (result, record_id) in zip(
+        records, evaluate(payloads, outcome.mapping), strict=True
+    ):
+        if isinstance(result, Rejection):
+            row: BatchRow = (
+                record.content_hash,
+                msgspec.Raw(record.data),
+                None,
+                None,
+                None,
+                None,
+                result.field,
+                result.reason,
+            )
+        else:
+            row = (
+                record.content_hash,
+                msgspec.Raw(record.data),
+                result.name,
+                result.value,
+                result.observed_at,
+                record_id,
+                None,
+                None,
+            )
+        rows.append(row)
+    # Encoded here, off the writer's critical path; only the hashes and this
+    # document travel to the writer.
+    cols = BatchColumns(content_hash=hashes, document=encode_rows(rows))
     return Prepared(len(chunk.records), chunk.cursor, chunk.final, outcome, cols)
 
 
