@@ -11,7 +11,6 @@ from typing import Any
 import msgspec
 
 from observability.logging import configure_logging
-from observability.metrics import Metrics
 from persistence.batches import BatchCounts, reset_checkpoint
 from persistence.database import create_pool, resolve_database_url, run_migrations
 from pipelines.config import load_sources, select_sources
@@ -100,7 +99,8 @@ async def _etl_run(settings: Settings, names: Sequence[str], as_json: bool) -> i
     pool = await create_pool(url, max_size=4)
     try:
         interactive = not as_json and sys.stdout.isatty() and sys.stderr.isatty()
-        runner = Runner(pool, settings, sources, Metrics(), progress=_progress_printer(interactive))
+        # No metrics: nothing would serve them (the service counts its own runs).
+        runner = Runner(pool, settings, sources, None, progress=_progress_printer(interactive))
         run = await runner.run("cli", names or None)
     finally:
         await pool.close()

@@ -31,17 +31,19 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import msgspec
 import structlog
 
-from observability.metrics import Metrics
 from pipelines import errors
 from pipelines.config import SourceConfig
 from pipelines.errors import DatabaseUnavailableError, InjectedFailure, KasparroError
 from pipelines.settings import Settings
+
+if TYPE_CHECKING:
+    from observability.metrics import Metrics
 
 log = structlog.get_logger("kasparro.process")
 
@@ -207,7 +209,8 @@ async def _child(job: Job) -> Outcome:
     assert job.settings.database_url is not None
     pool = await create_pool(job.settings.database_url, max_size=4)
     try:
-        runner = Runner(pool, job.settings, job.sources, Metrics())
+        # No metrics here: the service counts the run from the run object.
+        runner = Runner(pool, job.settings, job.sources, None)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, runner.request_stop)

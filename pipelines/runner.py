@@ -15,22 +15,23 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
 
-from observability.metrics import Metrics
 from persistence import batches, runs
 from persistence.batches import BatchCounts
 from persistence.types import Conn
 from pipelines.config import SourceConfig
 from pipelines.errors import InjectedFailure, RunRecordError, SourceError
-from pipelines.parse_process import prepared_in_process
 from pipelines.prepare import Prepared, prepare
 from pipelines.records import Chunk
 from pipelines.settings import Settings
 from pipelines.sources.files import read_csv, read_json, unread_bytes
+
+if TYPE_CHECKING:
+    from observability.metrics import Metrics
 
 log = structlog.get_logger("kasparro.runner")
 
@@ -91,7 +92,7 @@ class Runner:
         pool: asyncpg.Pool[Any],
         settings: Settings,
         sources: list[SourceConfig],
-        metrics: Metrics,
+        metrics: Metrics | None,
         *,
         progress: Progress | None = None,
     ) -> None:
@@ -148,16 +149,19 @@ class Runner:
                     else:
                         log_.info("source_skipped_locked", source=source.name)
                 await runs.open_run(control, run_id, trigger, [s.name for s in mine])
-                self.metrics.running.set(1)
+                if self.metrics is not None:
+                    self.metrics.running.set(1)
                 states = await self._ingest(run_id, mine, log_)
                 status = run_status(states)
                 await self._close_run(control, run_id, states, status)
             finally:
-                self.metrics.running.set(0)
+                if self.metrics is not None:
+                    self.metrics.running.set(0)
                 await self._unlock(control, run_id, mine)
         run = await runs.get_run(self.pool, run_id)
         assert run is not None
-        self.metrics.observe_run(run, await runs.unified_total(self.pool))
+        if self.metrics is not None:
+            self.metrics.observe_run(run, await runs.unified_total(self.pool))
         log_.info(
             "etl_run_finished",
             status=status,
@@ -298,6 +302,9 @@ class Runner:
             source.kind in ("csv", "json")
             and unread_bytes(source, state.cursor) >= self.settings.etl_parse_process_min_bytes
         ):
+            # Imported here: multiprocessing is not worth a short run's start-up.
+            from pipelines.parse_process import prepared_in_process
+
             return prepared_in_process(source, state.cursor, state.schema, batch_size)
         return self._prepared_in_thread(state, batch_size, http_session)
 
