@@ -116,9 +116,10 @@ class ProcessRunner:
         """One run in a child process; returns its run object.
 
         Raises:
-            ChildRunError: the run ended without a run object for an expected
-                reason (the database went away); the message says which.
-            ChildCrashError: the child died without answering.
+            KasparroError: the run ended without a run object for an expected
+                reason, raised as the class the child raised
+                (:class:`DatabaseUnavailableError`, :class:`RunRecordError`...).
+            ChildCrashError: the child died without answering, or hit a bug.
         """
         async with self._lock:
             self._stop_requested = False
