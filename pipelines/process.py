@@ -11,9 +11,11 @@ pipelines.process``) and keeps only the waiting:
 - the child runs :class:`pipelines.runner.Runner` on a pool of its own and
   writes the outcome (the run object, or the error that ended the run) to a
   result file in a private temporary folder;
-- SIGTERM or SIGINT to the child is a graceful stop: the batch in flight
-  commits and the run is closed; a child whose parent is gone stops the same
-  way, so a killed service never leaves an orphan ingesting on;
+- the pipe stays open for the run: a line on it asks the child to stop
+  gracefully (the batch in flight commits and the run is closed), and its end,
+  when the service is gone, does the same, so a killed service never leaves an
+  orphan ingesting on; a stop asked while the child is still starting waits in
+  the pipe instead of being lost. SIGTERM and SIGINT stop it the same way;
 - the parent counts the run's metrics from the run object it gets back.
 
 The child's log lines go to the service's own standard output.
@@ -28,6 +30,7 @@ import pickle
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +50,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("kasparro.process")
 
-PARENT_POLL_SECONDS = 0.5
-"""How often the child checks that the service that started it is still there."""
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+STOP_LINE = b"stop\n"
+"""What the service writes on the child's standard input to stop the run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,9 +111,10 @@ class ProcessRunner:
         """Graceful stop: the child commits the batch in flight and closes the run."""
         self._stop_requested = True
         process = self._process
-        if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
+        if process is None or process.returncode is not None or process.stdin is None:
+            return
+        if not process.stdin.is_closing():
+            process.stdin.write(STOP_LINE)
 
     async def run(self, trigger: str, names: Sequence[str] | None = None) -> dict[str, Any]:
         """One run in a child process; returns its run object.
@@ -155,12 +159,13 @@ class ProcessRunner:
         self.metrics.running.set(1)
         try:
             assert process.stdin is not None
-            process.stdin.write(pickle.dumps(job))
-            with contextlib.suppress(ConnectionError):
-                await process.stdin.drain()
-            process.stdin.close()
+            # The job, length first, then the pipe stays open: a stop is a line on it.
+            data = pickle.dumps(job)
+            process.stdin.write(len(data).to_bytes(8, "big") + data)
             if self._stop_requested:
                 self.request_stop()
+            with contextlib.suppress(ConnectionError):
+                await process.stdin.drain()
             return await process.wait()
         except BaseException:
             # Cancelled (a stop that ran out of time) or failed: never leave the
@@ -215,11 +220,13 @@ async def _child(job: Job) -> Outcome:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, runner.request_stop)
-        watcher = asyncio.create_task(_watch_parent(os.getppid(), runner.request_stop))
-        try:
-            run = await runner.run(job.trigger, job.names)
-        finally:
-            watcher.cancel()
+        task = asyncio.create_task(runner.run(job.trigger, job.names))
+        # One step of the run clears its stop flag; a stop read after that holds.
+        await asyncio.sleep(0)
+        threading.Thread(
+            target=_watch_pipe, args=(loop, runner.request_stop), name="stop-pipe", daemon=True
+        ).start()
+        run = await task
         unified: int | None = None
         with contextlib.suppress(Exception):
             unified = await runs.unified_total(pool)
@@ -228,13 +235,31 @@ async def _child(job: Job) -> Outcome:
         await pool.close()
 
 
-async def _watch_parent(parent: int, stop: Any) -> None:
-    while True:  # the parent may die at any instant; nothing signals it
-        await asyncio.sleep(PARENT_POLL_SECONDS)
-        if os.getppid() != parent:
+def _read_exactly(fd: int, size: int) -> bytes:
+    """``size`` bytes from ``fd``, fewer only at its end."""
+    chunks: list[bytes] = []
+    left = size
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
             break
-    log.warning("etl_parent_gone", parent_pid=parent)
-    stop()
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _watch_pipe(loop: asyncio.AbstractEventLoop, stop: Any) -> None:
+    """Stop the run at a line from the service, or when its end of the pipe closes."""
+    # os.read, not sys.stdin: a daemon thread blocked in a buffered reader would
+    # hold its lock when the interpreter exits.
+    try:
+        asked = _read_exactly(0, len(STOP_LINE))
+    except OSError:
+        asked = b""
+    if asked != STOP_LINE:
+        log.warning("etl_parent_gone")
+    with contextlib.suppress(RuntimeError):  # the run has already ended
+        loop.call_soon_threadsafe(stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = Path(args[0])
     # The job comes from the service that started this process, on a pipe only
     # the two of them hold.
-    job: Job = pickle.loads(sys.stdin.buffer.read())  # noqa: S301
+    size = int.from_bytes(_read_exactly(0, 8), "big")
+    job: Job = pickle.loads(_read_exactly(0, size))  # noqa: S301
     configure_logging(job.settings.log_format, job.settings.log_level, stream=sys.stdout)
     try:
         outcome = asyncio.run(_child(job))

@@ -105,6 +105,21 @@ async def test_a_stop_mid_run_commits_the_batch_in_flight_and_closes_the_run(
     assert await pool.fetchval("SELECT count(*) FROM etl_runs WHERE status = 'running'") == 0
 
 
+async def test_a_stop_asked_while_the_child_starts_is_not_lost(
+    tmp_path: Path, database_url: str, pool: asyncpg.Pool[Any]
+) -> None:
+    runner = _runner(tmp_path, database_url, csv_rows(300_000))
+    task = asyncio.create_task(runner.run("startup"))
+    await asyncio.sleep(0.05)  # the child exists, or is about to, and is still importing
+    runner.request_stop()
+    run = await asyncio.wait_for(task, timeout=30)
+
+    assert run["status"] == "failed"
+    assert run["sources"]["csv"]["error"].startswith("stopped")
+    assert await count(pool, "raw_csv_data") < 300_000
+    assert await pool.fetchval("SELECT count(*) FROM etl_runs WHERE status = 'running'") == 0
+
+
 async def test_cancelling_a_run_kills_its_child_and_frees_the_run(
     tmp_path: Path, database_url: str, pool: asyncpg.Pool[Any]
 ) -> None:
