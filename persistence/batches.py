@@ -137,7 +137,7 @@ def _write_batch_sql(table: str, optimistic: bool) -> str:
     conflict = "" if optimistic else "ON CONFLICT (source, content_hash) DO NOTHING"
     return f"""
 WITH input AS (
-    -- The batch arrives as ONE jsonb array of rows (see batch_document): the
+    -- The batch arrives as ONE jsonb array of rows (see encode_rows): the
     -- server parses it in C, where binding eight arrays element by element
     -- cost the client more than a microsecond per value. A payload is taken
     -- from the document as jsonb: parsed once, stored as received.
@@ -147,7 +147,7 @@ WITH input AS (
     FROM jsonb_array_elements($3::jsonb) AS r
 ),
 ins AS (
-    -- A plain scan of the arrays inserts in their order, so raw ids follow the
+    -- A plain scan of the document inserts in its order, so raw ids follow the
     -- source's order (no sort: it would move every payload once more).
     INSERT INTO {table} (source, run_id, content_hash, payload, ingested_at)
     SELECT $1, $2, h, p, $4 FROM input
