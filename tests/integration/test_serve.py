@@ -160,6 +160,10 @@ def _env(database_url: str, sources: Path, **extra: str | int) -> dict[str, str]
     return cli_env(database_url, sources, ETL_INTERVAL_SECONDS=0, **extra)
 
 
+def _some_batches_committed(served: Served) -> None:
+    served.poll("/stats", lambda r: r.json()["sources"]["csv"]["raw_records"] > 0, timeout=20)
+
+
 async def _runs(database_url: str) -> list[dict[str, Any]]:
     conn = await asyncpg.connect(database_url)
     try:
@@ -196,12 +200,7 @@ async def test_sigterm_during_a_run_exits_0_within_10_s_and_closes_the_run(
     served = serve(_env(database_url, sources, API_KEY=KEY))
     served.listening()
     served.poll("/health", lambda r: r.json().get("last_etl") == "running", timeout=10)
-    # Some batches are committed before the stop arrives.
-    served.poll(
-        "/stats",
-        lambda r: r.json()["sources"]["csv"]["raw_records"] > 0,
-        timeout=20,
-    )
+    _some_batches_committed(served)  # before the stop arrives
     sent = time.monotonic()
     code = served.stop(timeout=10)
     took = time.monotonic() - sent
@@ -224,11 +223,7 @@ async def test_a_killed_service_leaves_no_ingestion_running_behind(
     sources = _files(tmp_path, 600_000)
     served = serve(_env(database_url, sources, API_KEY=KEY))
     served.listening()
-    served.poll(
-        "/stats",
-        lambda r: r.json()["sources"]["csv"]["raw_records"] > 0,
-        timeout=20,
-    )
+    _some_batches_committed(served)
     served.process.kill()
     served.process.wait(timeout=5)
     deadline = time.monotonic() + 8
