@@ -6,11 +6,9 @@ Timestamps are aware UTC datetimes: msgspec writes them as ISO 8601 with ``Z``.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import msgspec
-
-from persistence.reads import UnifiedRow
 
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):
@@ -43,8 +41,22 @@ class Health(msgspec.Struct):
     db_latency_ms: float | None
 
 
-#: One item of ``/data``: the read model itself, encoded as it comes from the query.
-DataItem = UnifiedRow
+class DataItem(msgspec.Struct):
+    """One row of ``unified_data``. The database renders a page's items itself
+    (``persistence.reads.ITEM_JSON``); this Struct documents them."""
+
+    name: str
+    value: float
+    source: str
+    observed_at: datetime
+    ingested_at: datetime
+
+
+def rendered_items(items: str) -> list[DataItem]:
+    """A JSON array of items rendered by the database, in the place of a list of
+    ``DataItem``: msgspec writes a ``Raw`` verbatim, so the items are neither
+    decoded nor encoded again."""
+    return cast("list[DataItem]", msgspec.Raw(items))
 
 
 class Pagination(msgspec.Struct):

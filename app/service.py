@@ -20,6 +20,7 @@ import asyncpg
 import structlog
 
 from app.ingestion import DEFAULT_STOP_TIMEOUT, IngestionLoop, RunnerLike
+from app.page_cache import PageCache
 from observability.metrics import Metrics
 from persistence import reads, runs
 from persistence.database import create_pool, resolve_database_url
@@ -78,6 +79,8 @@ class Service:
         self.source_names = [s.name for s in sources]
         self.metrics = metrics
         self.version = package_version()
+        self.data_pages = PageCache(settings.data_cache_bytes)
+        """Rendered ``/data`` pages, served again while the data is unchanged."""
         self._given_pool = pool
         self._given_runner = runner
         self._stop_timeout = stop_timeout

@@ -174,7 +174,11 @@ async def create_pool(
             then skips asyncpg's full reset, a round trip per request.
     """
     settings = {"application_name": "kasparro"}
-    if not read_only:
+    if read_only:
+        # /data renders floats in SQL: any positive value prints the shortest text
+        # that reads back as the same double (0 would round to 15 digits).
+        settings["extra_float_digits"] = "1"
+    else:
         # The batch statement joins arrays whose size only the actual parameters
         # tell; a cached generic plan guesses a few rows and picks nested loops
         # that grow with the square of the batch. Planning per batch is cheap.

@@ -11,6 +11,8 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
+    CheckConstraint,
     DateTime,
     Double,
     ForeignKey,
@@ -22,6 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     text,
+    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -104,6 +107,18 @@ class UnifiedCount(Base):
 
     source: Mapped[str] = mapped_column(Text, primary_key=True)
     rows: Mapped[int] = mapped_column(BigInteger)
+
+
+class UnifiedVersion(Base):
+    """One row: the id of the last transaction that changed ``unified_data``, set by
+    statement triggers (migration 0003); ``/data`` serves a kept page only while it
+    is unchanged."""
+
+    __tablename__ = "unified_version"
+    __table_args__ = (CheckConstraint("singleton", name="singleton"),)
+
+    singleton: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=true())
+    version: Mapped[int] = mapped_column(BigInteger)
 
 
 class EtlCheckpoint(Base):

@@ -11,7 +11,15 @@ from litestar.params import QueryParameter
 
 from app.dependencies import ServiceDep
 from app.pagination import CursorError, decode_cursor, encode_cursor
-from app.schemas import DataPage, Meta, Pagination, SourceStats, Stats, error_responses
+from app.schemas import (
+    DataPage,
+    Meta,
+    Pagination,
+    SourceStats,
+    Stats,
+    error_responses,
+    rendered_items,
+)
 from app.security import SECURITY_SCHEME, api_key_guard
 from persistence import reads
 from pipelines.transform import canonical_name
@@ -80,20 +88,20 @@ class DataController(Controller):
             except CursorError:
                 raise _bad_parameter("cursor", "malformed cursor") from None
         wanted = canonical_name(name) if name is not None else None
-        # One row more than shown tells whether another page follows.
-        page = await reads.data_page(
+        page = await service.data_pages.page(
             service.read_pool,
             source=source,
             name=wanted,
             after=after,
-            limit=limit + 1,
+            limit=limit,
             offset=offset,
         )
-        rows = page.rows[:limit]
-        next_cursor = encode_cursor(rows[-1].name) if len(page.rows) > limit else None
+        next_cursor = (
+            encode_cursor(page.last_name) if page.more and page.last_name is not None else None
+        )
         started: float = request.state.started
         return DataPage(
-            data=rows,
+            data=rendered_items(page.items),
             pagination=Pagination(
                 limit=limit, offset=offset, total=page.total, next_cursor=next_cursor
             ),

@@ -1,0 +1,90 @@
+"""Rendered ``/data`` pages, served again while the data they show is unchanged.
+
+A page is kept with the version of ``unified_data`` it was read at (migration
+0003: the id of the last transaction that changed the table, set by statement
+triggers in that same transaction). Serving a kept page costs one round trip
+that reads the current version; any other version means some change committed
+since, and the page is read again. A page is therefore never older than one
+read from the database at the moment of the request, whoever wrote the change
+(this service's ingestion, a separate ``etl run``, an operator's SQL).
+
+Pages are evicted least recently used first once their text exceeds the byte
+budget (``DATA_CACHE_BYTES``; 0 turns the cache off).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from persistence import reads
+
+if TYPE_CHECKING:
+    from persistence.reads import Executor
+
+PageKey = tuple[str | None, str | None, str | None, int, int]
+"""``source``, ``name``, ``after``, ``limit``, ``offset``: what selects a page."""
+
+ENTRY_OVERHEAD_BYTES = 400
+"""What a kept page costs beyond its text: the key, the entry, the dict slot."""
+
+
+def _cost(key: PageKey, page: reads.DataPage) -> int:
+    text = len(page.items) + sum(len(part) for part in key[:3] if part is not None)
+    return text + ENTRY_OVERHEAD_BYTES
+
+
+class PageCache:
+    """Least recently used pages of ``/data`` within ``max_bytes``, each checked
+    against the current version of the data before it is served."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used_bytes = 0
+        self.hits = 0
+        """Pages served from memory, after the version check."""
+        self.misses = 0
+        """Pages read from the database (none kept, or kept at another version)."""
+        self._pages: OrderedDict[PageKey, reads.DataPage] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+    async def page(
+        self,
+        db: Executor,
+        *,
+        source: str | None,
+        name: str | None,
+        after: str | None,
+        limit: int,
+        offset: int,
+    ) -> reads.DataPage:
+        """The page :func:`persistence.reads.data_page` reads for these arguments,
+        from memory when the data has not changed since it was read."""
+        key: PageKey = (source, name, after, limit, offset)
+        kept = self._pages.get(key)
+        if kept is not None and kept.version == await reads.data_version(db):
+            self.hits += 1
+            self._pages.move_to_end(key)
+            return kept
+        self.misses += 1
+        page = await reads.data_page(
+            db, source=source, name=name, after=after, limit=limit, offset=offset
+        )
+        self._keep(key, page)
+        return page
+
+    def _keep(self, key: PageKey, page: reads.DataPage) -> None:
+        cost = _cost(key, page)
+        if cost > self.max_bytes:
+            return
+        # A concurrent request may have kept this key while the page was read.
+        previous = self._pages.pop(key, None)
+        if previous is not None:
+            self.used_bytes -= _cost(key, previous)
+        self._pages[key] = page
+        self.used_bytes += cost
+        while self.used_bytes > self.max_bytes:
+            old_key, old_page = self._pages.popitem(last=False)
+            self.used_bytes -= _cost(old_key, old_page)
