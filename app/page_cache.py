@@ -14,6 +14,8 @@ budget (``DATA_CACHE_BYTES``; 0 turns the cache off).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -44,8 +46,12 @@ class PageCache:
         self.hits = 0
         """Pages served from memory, after the version check."""
         self.misses = 0
-        """Pages read from the database (none kept, or kept at another version)."""
+        """Requests that found no page kept at the current version."""
+        self.page_reads = 0
+        """Pages read from the database: at most one per key at a time for the
+        requests that miss together."""
         self._pages: OrderedDict[PageKey, reads.DataPage] = OrderedDict()
+        self._reading: dict[PageKey, asyncio.Future[reads.DataPage]] = {}
 
     def __len__(self) -> int:
         return len(self._pages)
@@ -62,24 +68,49 @@ class PageCache:
     ) -> reads.DataPage:
         """The page :func:`persistence.reads.data_page` reads for these arguments,
         from memory when the data has not changed since it was read."""
+        if self.max_bytes == 0:
+            self.misses += 1
+            self.page_reads += 1
+            return await reads.data_page(
+                db, source=source, name=name, after=after, limit=limit, offset=offset
+            )
         key: PageKey = (source, name, after, limit, offset)
+        # Read after this request arrived: whatever is served must show at least
+        # every change committed before that.
+        version = await reads.data_version(db)
         kept = self._pages.get(key)
-        if kept is not None and kept.version == await reads.data_version(db):
+        if kept is not None and kept.version == version:
             self.hits += 1
             self._pages.move_to_end(key)
             return kept
         self.misses += 1
-        page = await reads.data_page(
-            db, source=source, name=name, after=after, limit=limit, offset=offset
+        # Requests that miss together share one read: after a commit, every
+        # connection asks for the same page at once. A shared read is taken only
+        # when it shows the version this request saw, never an older one.
+        reading = self._reading.get(key)
+        if reading is not None:
+            shared = await asyncio.shield(reading)
+            if shared.version == version:
+                return shared
+        self.page_reads += 1
+        reading = asyncio.ensure_future(
+            reads.data_page(db, source=source, name=name, after=after, limit=limit, offset=offset)
         )
-        self._keep(key, page)
-        return page
+        self._reading[key] = reading
+        reading.add_done_callback(functools.partial(self._read_done, key))
+        return await asyncio.shield(reading)
+
+    def _read_done(self, key: PageKey, reading: asyncio.Future[reads.DataPage]) -> None:
+        if self._reading.get(key) is reading:
+            del self._reading[key]
+        if reading.cancelled() or reading.exception() is not None:
+            return  # every request that waited for it has the error
+        self._keep(key, reading.result())
 
     def _keep(self, key: PageKey, page: reads.DataPage) -> None:
         cost = _cost(key, page)
         if cost > self.max_bytes:
             return
-        # A concurrent request may have kept this key while the page was read.
         previous = self._pages.pop(key, None)
         if previous is not None:
             self.used_bytes -= _cost(key, previous)

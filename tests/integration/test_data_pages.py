@@ -9,6 +9,7 @@ connection, must reach the next request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import uuid
@@ -25,6 +26,7 @@ from litestar.testing import AsyncTestClient
 from app.page_cache import PageCache
 from app.schemas import DataItem
 from app.server import create_app
+from persistence.reads import DataPage
 from pipelines.settings import Settings
 
 KEY = "key-pages-0123456789"
@@ -188,6 +190,40 @@ async def test_a_kept_page_is_served_until_a_change_commits(
     assert await values() == {}
 
 
+async def test_requests_that_miss_together_share_one_read(pool: asyncpg.Pool[Any]) -> None:
+    t = _at(2026, 0)
+    await _insert(pool, [("coin", 1.0, "csv", t, t)])
+    cache = PageCache(1 << 20)
+    query: dict[str, Any] = {"source": None, "name": None, "after": None, "limit": 10}
+
+    def value(page: DataPage) -> float:
+        items = json.loads(page.items)
+        assert len(items) == 1
+        return float(items[0]["value"])
+
+    assert value(await cache.page(pool, **query, offset=0)) == 1.0
+    await pool.execute("UPDATE unified_data SET value = 2")
+    requests = 20
+    async with pool.acquire() as conn, conn.transaction():
+        # Holds every page read (not the version check) until all requests missed.
+        await conn.execute("LOCK TABLE unified_data IN ACCESS EXCLUSIVE MODE")
+        pending = [
+            asyncio.ensure_future(cache.page(pool, **query, offset=0)) for _ in range(requests)
+        ]
+        for _ in range(500):
+            if cache.misses == 1 + requests:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.misses == 1 + requests
+        # Another page is never shared with these.
+        other = asyncio.ensure_future(cache.page(pool, **query, offset=1))
+        await asyncio.sleep(0.05)
+    pages = await asyncio.gather(*pending)
+    assert [value(page) for page in pages] == [2.0] * requests
+    assert json.loads((await other).items) == []
+    assert cache.page_reads == 1 + 1 + 1
+
+
 async def test_a_rolled_back_change_keeps_the_page(client: Client, pool: asyncpg.Pool[Any]) -> None:
     t = _at(2026, 0)
     await _insert(pool, [("coin", 1.0, "csv", t, t)])
@@ -250,4 +286,4 @@ async def test_no_page_is_kept_when_the_cache_is_off(
             assert [item["value"] for item in body["data"]] == [expected]
         assert len(cache) == 0
         assert cache.hits == 0
-        assert cache.misses == 2
+        assert cache.page_reads == 2
