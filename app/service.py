@@ -9,9 +9,11 @@ bound, cancels what is left and closes the pools.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib.metadata
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -86,6 +88,7 @@ class Service:
         self._stop_timeout = stop_timeout
         self._pool: asyncpg.Pool[Any] | None = None
         self._read_pool: asyncpg.Pool[Any] | None = None
+        self._read_gate: asyncio.Semaphore | None = None
         self._owned: list[asyncpg.Pool[Any]] = []
         self._url: str | None = None
         self._loop: IngestionLoop | None = None
@@ -103,6 +106,22 @@ class Service:
         if self._read_pool is None:
             raise RuntimeError("the service is not started")
         return self._read_pool
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[asyncpg.Pool[Any]]:
+        """The read pool, entered first come, first served.
+
+        asyncpg hands a released connection to whichever request asks next, and a
+        request that was already waiting queues again at the back: under load a few
+        requests waited hundreds of milliseconds while the median took ten. The gate
+        admits as many requests as the pool has connections, in arrival order
+        (asyncio's semaphore lets no newcomer pass a waiter), so none of them waits
+        inside the pool.
+        """
+        if self._read_gate is None:
+            raise RuntimeError("the service is not started")
+        async with self._read_gate:
+            yield self.read_pool
 
     @property
     def loop(self) -> IngestionLoop:
@@ -180,6 +199,7 @@ class Service:
             self._owned.append(self._read_pool)
         else:
             self._read_pool = self._pool
+        self._read_gate = asyncio.Semaphore(self._read_pool.get_max_size())
 
     async def _close_pools(self) -> None:
         for pool in self._owned:

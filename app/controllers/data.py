@@ -88,14 +88,10 @@ class DataController(Controller):
             except CursorError:
                 raise _bad_parameter("cursor", "malformed cursor") from None
         wanted = canonical_name(name) if name is not None else None
-        page = await service.data_pages.page(
-            service.read_pool,
-            source=source,
-            name=wanted,
-            after=after,
-            limit=limit,
-            offset=offset,
-        )
+        async with service.reading() as pool:
+            page = await service.data_pages.page(
+                pool, source=source, name=wanted, after=after, limit=limit, offset=offset
+            )
         next_cursor = (
             encode_cursor(page.last_name) if page.more and page.last_name is not None else None
         )
@@ -119,7 +115,7 @@ class DataController(Controller):
     )
     async def stats(self, service: ServiceDep) -> Stats:
         """Totals over every run, and each declared source's last outcome and checkpoint."""
-        async with service.read_pool.acquire() as conn:
+        async with service.reading() as pool, pool.acquire() as conn:
             found = await reads.stats(conn, service.source_names)
         return Stats(
             last_run_at=found.last_run_at,

@@ -40,9 +40,10 @@ class QualityController(Controller):
         ] = 0,
     ) -> RejectionList:
         """Each rejection with the field, the reason and the raw record as stored."""
-        found = await reads.list_rejections(
-            service.read_pool, run_id=run_id, source=source, after_id=after, limit=limit + 1
-        )
+        async with service.reading() as pool:
+            found = await reads.list_rejections(
+                pool, run_id=run_id, source=source, after_id=after, limit=limit + 1
+            )
         shown = found[:limit]
         return RejectionList(
             data=[

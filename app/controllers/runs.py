@@ -33,7 +33,8 @@ class RunsController(Controller):
         service: ServiceDep,
         limit: Annotated[int, QueryParameter(ge=1, le=100, description="How many runs.")] = 20,
     ) -> RunList:
-        found = await runs.list_runs(service.read_pool, limit)
+        async with service.reading() as pool:
+            found = await runs.list_runs(pool, limit)
         return RunList(data=msgspec.convert(found, list[Run]))
 
     @get(
@@ -44,7 +45,8 @@ class RunsController(Controller):
     )
     async def get_run(self, service: ServiceDep, run_id: FromPath[uuid.UUID]) -> Run:
         """404 when no run has this id (a malformed id is 404 too)."""
-        found = await runs.get_run(service.read_pool, run_id)
+        async with service.reading() as pool:
+            found = await runs.get_run(pool, run_id)
         if found is None:
             raise NotFoundException(detail="Run not found")
         return msgspec.convert(found, Run)
@@ -69,11 +71,11 @@ class RunsController(Controller):
         at least a second), ``new_drift`` (drift in b that a did not have),
         ``source_failed`` (a source succeeded in a and failed in b).
         """
-        pool = service.read_pool
-        run_a = await reads.run_detail(pool, a)
-        run_b = await reads.run_detail(pool, b)
-        missing = [label for label, run in (("a", run_a), ("b", run_b)) if run is None]
-        if missing or run_a is None or run_b is None:
-            raise NotFoundException(detail=f"Run not found: {', '.join(missing)}")
-        median, _ = await reads.median_duration_before(pool, run_b.started_at, MEDIAN_WINDOW)
+        async with service.reading() as pool:
+            run_a = await reads.run_detail(pool, a)
+            run_b = await reads.run_detail(pool, b)
+            missing = [label for label, run in (("a", run_a), ("b", run_b)) if run is None]
+            if missing or run_a is None or run_b is None:
+                raise NotFoundException(detail=f"Run not found: {', '.join(missing)}")
+            median, _ = await reads.median_duration_before(pool, run_b.started_at, MEDIAN_WINDOW)
         return compare_runs(run_a, run_b, median)
