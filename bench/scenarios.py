@@ -754,6 +754,31 @@ def _deep_cursor(base: str, total: int) -> str:
     return cursor
 
 
+NOT_KEPT = "/data, pages not kept:"
+"""Figures of a server started with ``DATA_CACHE_BYTES=0``."""
+
+
+def _in_turns(
+    ctx: Context, service: Service, targets: list[tuple[str, str, Mapping[str, str]]]
+) -> dict[str, Measurement]:
+    """Every target in turn, ``rounds`` times; each keeps the measurement of median
+    req/s, so a noisy moment of the shared machine hits all alike."""
+    turns: dict[str, list[Measurement]] = {name: [] for name, _, _ in targets}
+    for turn in range(ctx.sizes.rounds):
+        for name, path, headers in targets:
+            ctx.log(f"  {name} (turn {turn + 1})")
+            result = measure(ctx, service, path, headers)
+            turns[name].append(result)
+            ctx.log(
+                f"    {result.rps:,.0f} req/s, "
+                f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms ({result.busy()})"
+            )
+    return {
+        name: sorted(results, key=lambda r: r.rps)[(len(results) - 1) // 2]
+        for name, results in turns.items()
+    }
+
+
 def reads(ctx: Context) -> None:
     """``/data`` first, deep-by-cursor and deep-by-offset pages, ``/health``, ``/stats``,
     each against ``GET /`` of the same server."""
@@ -777,22 +802,23 @@ def reads(ctx: Context) -> None:
             ("/health", "/health", {}),
             ("/stats", "/stats", {}),
         ]
-        # Every endpoint in turn, ``rounds`` times: each keeps the measurement of
-        # median req/s, so a noisy moment of the shared machine hits all alike.
-        turns: dict[str, list[Measurement]] = {name: [] for name, _, _ in targets}
-        for turn in range(ctx.sizes.rounds):
-            for name, path, headers in targets:
-                ctx.log(f"  {name} (turn {turn + 1})")
-                result = measure(ctx, service, path, headers)
-                turns[name].append(result)
-                ctx.log(
-                    f"    {result.rps:,.0f} req/s, "
-                    f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms ({result.busy()})"
-                )
-        measured = {
-            name: sorted(results, key=lambda r: r.rps)[(len(results) - 1) // 2]
-            for name, results in turns.items()
-        }
+        measured = _in_turns(ctx, service, targets)
+    # The same pages from a server that keeps none: what reading a page costs
+    # (the first request after every change pays it).
+    with Service(ctx, url, "serve-reads-not-kept", {"DATA_CACHE_BYTES": "0"}) as service:
+        not_kept = _in_turns(
+            ctx,
+            service,
+            [
+                (f"{NOT_KEPT} GET /", "/", {}),
+                (f"{NOT_KEPT} first page", "/data?limit=100", AUTH),
+                (
+                    f"{NOT_KEPT} deepest page by cursor",
+                    f"/data?limit=100&cursor={quote(cursor)}",
+                    AUTH,
+                ),
+            ],
+        )
     root = measured["GET /"]
     first_page = measured["/data?limit=100 first page"]
     failed = {name: r.errors for name, r in measured.items() if r.errors}
@@ -847,11 +873,43 @@ def reads(ctx: Context) -> None:
                 Goal(">=", 0.9) if "cursor" in name else None,
             )
         )
+    plain_root = not_kept[f"{NOT_KEPT} GET /"]
+    plain_first = not_kept[f"{NOT_KEPT} first page"]
+    plain_deep = not_kept[f"{NOT_KEPT} deepest page by cursor"]
+    add(Row("reads", f"{NOT_KEPT} GET / req/s", plain_root.rps, "req/s", note=plain_root.busy()))
+    for name, result in (
+        (f"{NOT_KEPT} first page", plain_first),
+        (f"{NOT_KEPT} deepest page by cursor", plain_deep),
+    ):
+        add(
+            Row(
+                "reads",
+                f"{name} req/s",
+                result.rps,
+                "req/s",
+                "GET /",
+                plain_root.rps,
+                note=result.busy(),
+            )
+        )
+        add(Row("reads", f"{name} p99", result.p99_ms, "ms", "GET / p99", plain_root.p99_ms))
+    add(
+        Row(
+            "reads",
+            f"{NOT_KEPT} deepest page by cursor req/s vs first page",
+            plain_deep.rps,
+            "req/s",
+            "first page",
+            plain_first.rps,
+            Goal(">=", 0.9),
+        )
+    )
     ctx.results.details["reads"] = {
         "unified_rows": rows,
         "total_reported": total,
         "connections": 32,
         **{name: _load_summary(r) for name, r in measured.items()},
+        **{name: _load_summary(r) for name, r in not_kept.items()},
     }
 
 
