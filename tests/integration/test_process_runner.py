@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
 import uuid
 from pathlib import Path
@@ -103,6 +104,26 @@ async def test_a_stop_mid_run_commits_the_batch_in_flight_and_closes_the_run(
     # What was committed is exactly what the run counted.
     assert run["sources"]["csv"]["raw_inserted"] == stored
     assert await pool.fetchval("SELECT count(*) FROM etl_runs WHERE status = 'running'") == 0
+
+
+async def test_the_child_runs_at_the_nice_value_of_etl_nice(
+    tmp_path: Path, database_url: str, pool: asyncpg.Pool[Any]
+) -> None:
+    runner = _runner(tmp_path, database_url, csv_rows(300_000))
+    runner.settings = dataclasses.replace(runner.settings, etl_nice=13)
+    task = asyncio.create_task(runner.run("startup"))
+    await wait_for(lambda: _stored_any(pool), within=30)
+    pid = runner.pid
+    assert pid is not None
+    # Field 19 of /proc/PID/stat is the nice value (after the parenthesised name).
+    stat = await asyncio.to_thread(Path(f"/proc/{pid}/stat").read_text)
+    fields = stat.rsplit(")", 1)[1].split()
+    niceness = int(fields[16])
+    runner.request_stop()
+    await asyncio.wait_for(task, timeout=10)
+    assert niceness == max(13, os.getpriority(os.PRIO_PROCESS, 0))
+    # The service itself keeps its priority.
+    assert os.getpriority(os.PRIO_PROCESS, 0) < 13
 
 
 async def test_a_stop_asked_while_the_child_starts_is_not_lost(
