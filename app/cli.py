@@ -98,7 +98,7 @@ async def _etl_run(settings: Settings, names: Sequence[str], as_json: bool) -> i
     url = resolve_database_url(settings)
     lower_priority(settings.etl_nice)
     await asyncio.to_thread(run_migrations, url)
-    pool = await create_pool(url, max_size=4)
+    pool = await create_pool(url, max_size=4, backend_nice=settings.etl_nice)
     try:
         interactive = not as_json and sys.stdout.isatty() and sys.stderr.isatty()
         # No metrics: nothing would serve them (the service counts its own runs).
@@ -138,7 +138,7 @@ async def _etl_reprocess(settings: Settings) -> int:
     url = resolve_database_url(settings)
     lower_priority(settings.etl_nice)
     await asyncio.to_thread(run_migrations, url)
-    pool = await create_pool(url, max_size=2)
+    pool = await create_pool(url, max_size=2, backend_nice=settings.etl_nice)
     interactive = sys.stdout.isatty() and sys.stderr.isatty()
 
     def show(source: str, total: int) -> None:

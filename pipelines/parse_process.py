@@ -9,7 +9,8 @@ columns the batch statement takes, through a bounded queue: a slow database
 slows the parser down, and memory stays flat however large the file.
 
 The parse process stops when its parent does: it checks, whenever the queue is
-full, that the process that started it is still there.
+full, that the process that started it is still there, and then exits without
+flushing the queue.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def _offer(channel: Any, message: _Message, parent: int) -> bool:
             return True
         except queue.Full:
             if os.getppid() != parent:
+                # Nobody will read what is queued: exit without waiting for the
+                # queue's writer thread, which would block on the full pipe forever.
+                channel.cancel_join_thread()
                 return False
 
 

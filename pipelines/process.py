@@ -220,7 +220,9 @@ async def _child(job: Job) -> Outcome:
     from pipelines.runner import Runner
 
     assert job.settings.database_url is not None
-    pool = await create_pool(job.settings.database_url, max_size=4)
+    pool = await create_pool(
+        job.settings.database_url, max_size=4, backend_nice=job.settings.etl_nice
+    )
     try:
         # No metrics here: the service counts the run from the run object.
         runner = Runner(pool, job.settings, job.sources, None)
