@@ -957,6 +957,30 @@ def _wait_finished(service: Service, timeout: float) -> dict[str, Any] | None:
     return None
 
 
+def _windows(
+    ctx: Context, take: Callable[[], Measurement], busy: Callable[[], bool]
+) -> tuple[Measurement, bool]:
+    """Up to ``rounds`` load windows, one after the other, each kept when
+    ``busy()`` still holds after it; returns the window of median p99 (one
+    window's p99 on this machine varies by half from one to the next) and
+    whether it overlapped the work whole (a lone first window is kept either way)."""
+    taken: list[Measurement] = []
+    overlapped = True
+    for _ in range(ctx.sizes.rounds):
+        window = take()
+        if busy():
+            taken.append(window)
+            continue
+        if not taken:
+            taken.append(window)
+            overlapped = False
+        break
+    p99s = ", ".join(f"{m.p99_ms:.1f}" for m in taken)
+    ctx.log(f"    p99 of each window: {p99s} ms")
+    ordered = sorted(taken, key=lambda m: m.p99_ms)
+    return ordered[(len(ordered) - 1) // 2], overlapped
+
+
 def under_load(ctx: Context) -> None:
     """``/data`` p99 while the service ingests 1M new rows itself, while a separate
     ``etl run`` ingests 1M more, and idle, on one server and database."""
@@ -970,8 +994,11 @@ def under_load(ctx: Context) -> None:
     with Service(ctx, url, "serve-under-load", extra) as service:
         _wait_running(service, previous, 60.0)
         ctx.log(f"  {data_path} while the service ingests {ctx.inputs.csv_second.name}")
-        during = measure(ctx, service, data_path, AUTH, warm=False)
-        in_service_overlap = service.last_etl() == "running"
+        during, in_service_overlap = _windows(
+            ctx,
+            lambda: measure(ctx, service, data_path, AUTH, warm=False),
+            lambda: service.last_etl() == "running",
+        )
         ctx.log(
             f"    p99 {during.p99_ms:.2f} ms, {during.rps:,.0f} req/s ({during.busy()})"
             + ("" if in_service_overlap else " (ingestion ended early)")
@@ -984,7 +1011,7 @@ def under_load(ctx: Context) -> None:
             )
         details["in_service_run"] = finished
         ctx.log(f"  {data_path} idle")
-        idle = measure(ctx, service, data_path, AUTH)
+        idle, _ = _windows(ctx, lambda: measure(ctx, service, data_path, AUTH), lambda: True)
         ctx.log(f"    p99 {idle.p99_ms:.2f} ms, {idle.rps:,.0f} req/s ({idle.busy()})")
 
         ctx.log(
@@ -1009,8 +1036,11 @@ def under_load(ctx: Context) -> None:
         )
         try:
             _wait_running(service, str(finished.get("id")), 60.0)
-            external = measure(ctx, service, data_path, AUTH, warm=False)
-            external_overlap = loader.running
+            external, external_overlap = _windows(
+                ctx,
+                lambda: measure(ctx, service, data_path, AUTH, warm=False),
+                lambda: loader.running,
+            )
             code = loader.wait(3600)
         finally:
             loader.stop()

@@ -126,6 +126,29 @@ async def test_the_child_runs_at_the_nice_value_of_etl_nice(
     assert os.getpriority(os.PRIO_PROCESS, 0) < 13
 
 
+async def test_a_runs_sessions_on_this_host_get_its_nice_value(database_url: str) -> None:
+    from persistence.database import _server_is_local, create_pool
+
+    if not _server_is_local(database_url):
+        pytest.skip("the test database is on another host")
+    run_pool = await create_pool(database_url, max_size=2, backend_nice=12)
+    plain_pool = await create_pool(database_url, max_size=1)
+    try:
+        async with run_pool.acquire() as conn, plain_pool.acquire() as plain:
+            run_backend = conn.get_server_pid()
+            plain_backend = plain.get_server_pid()
+            owner = (await asyncio.to_thread(Path(f"/proc/{run_backend}").stat)).st_uid
+            if os.geteuid() not in (0, owner):
+                pytest.skip("the test database's server runs as another user")
+            niceness = await asyncio.to_thread(os.getpriority, os.PRIO_PROCESS, run_backend)
+            plain_niceness = await asyncio.to_thread(os.getpriority, os.PRIO_PROCESS, plain_backend)
+    finally:
+        await run_pool.close()
+        await plain_pool.close()
+    assert niceness == 12
+    assert plain_niceness < 12
+
+
 async def test_a_stop_asked_while_the_child_starts_is_not_lost(
     tmp_path: Path, database_url: str, pool: asyncpg.Pool[Any]
 ) -> None:

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from persistence.database import _server_is_local
+
 SCRIPT = """
 import os, sys
 from pipelines.priority import lower_priority
@@ -40,3 +42,19 @@ def test_lower_priority_raises_the_nice_value_and_never_lowers_it(
     start: int, wanted: int, printed: str
 ) -> None:
     assert _run(start, wanted) == printed
+
+
+@pytest.mark.parametrize(
+    ("url", "local"),
+    [
+        ("postgresql://u@127.0.0.1:5432/db", True),
+        ("postgresql://u@localhost/db", True),
+        ("postgresql://u@[::1]:5432/db", True),
+        ("postgresql:///db?host=/var/run/postgresql", True),
+        ("postgresql://u@db.internal:5432/db", False),
+        ("postgresql://u@10.0.0.7/db", False),
+        ("postgresql://u@localhost/db?host=replica.internal", False),
+    ],
+)
+def test_only_a_server_on_this_host_has_its_sessions_reniced(url: str, local: bool) -> None:
+    assert _server_is_local(url) is local
