@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import socket
 import uuid
 from pathlib import Path
@@ -104,49 +103,6 @@ async def test_a_stop_mid_run_commits_the_batch_in_flight_and_closes_the_run(
     # What was committed is exactly what the run counted.
     assert run["sources"]["csv"]["raw_inserted"] == stored
     assert await pool.fetchval("SELECT count(*) FROM etl_runs WHERE status = 'running'") == 0
-
-
-async def test_the_child_runs_at_the_nice_value_of_etl_nice(
-    tmp_path: Path, database_url: str, pool: asyncpg.Pool[Any]
-) -> None:
-    runner = _runner(tmp_path, database_url, csv_rows(300_000))
-    runner.settings = dataclasses.replace(runner.settings, etl_nice=13)
-    task = asyncio.create_task(runner.run("startup"))
-    await wait_for(lambda: _stored_any(pool), within=30)
-    pid = runner.pid
-    assert pid is not None
-    # Field 19 of /proc/PID/stat is the nice value (after the parenthesised name).
-    stat = await asyncio.to_thread(Path(f"/proc/{pid}/stat").read_text)
-    fields = stat.rsplit(")", 1)[1].split()
-    niceness = int(fields[16])
-    runner.request_stop()
-    await asyncio.wait_for(task, timeout=10)
-    assert niceness == max(13, os.getpriority(os.PRIO_PROCESS, 0))
-    # The service itself keeps its priority.
-    assert os.getpriority(os.PRIO_PROCESS, 0) < 13
-
-
-async def test_a_runs_sessions_on_this_host_get_its_nice_value(database_url: str) -> None:
-    from persistence.database import _server_is_local, create_pool
-
-    if not _server_is_local(database_url):
-        pytest.skip("the test database is on another host")
-    run_pool = await create_pool(database_url, max_size=2, backend_nice=12)
-    plain_pool = await create_pool(database_url, max_size=1)
-    try:
-        async with run_pool.acquire() as conn, plain_pool.acquire() as plain:
-            run_backend = conn.get_server_pid()
-            plain_backend = plain.get_server_pid()
-            owner = (await asyncio.to_thread(Path(f"/proc/{run_backend}").stat)).st_uid
-            if os.geteuid() not in (0, owner):
-                pytest.skip("the test database's server runs as another user")
-            niceness = await asyncio.to_thread(os.getpriority, os.PRIO_PROCESS, run_backend)
-            plain_niceness = await asyncio.to_thread(os.getpriority, os.PRIO_PROCESS, plain_backend)
-    finally:
-        await run_pool.close()
-        await plain_pool.close()
-    assert niceness == 12
-    assert plain_niceness < 12
 
 
 async def test_a_stop_asked_while_the_child_starts_is_not_lost(
