@@ -173,12 +173,11 @@ async def create_pool(
             state (no locks, settings or cursors) behind; a released connection
             then skips asyncpg's full reset, a round trip per request.
     """
-    settings = {"application_name": "kasparro"}
-    if read_only:
-        # /data renders floats in SQL: any positive value prints the shortest text
-        # that reads back as the same double (0 would round to 15 digits).
-        settings["extra_float_digits"] = "1"
-    else:
+    # /data renders floats in SQL (on whichever pool serves reads): any positive
+    # value prints the shortest text that reads back as the same double, whatever
+    # the server's default (0 would round to 15 digits).
+    settings = {"application_name": "kasparro", "extra_float_digits": "1"}
+    if not read_only:
         # The batch statement joins arrays whose size only the actual parameters
         # tell; a cached generic plan guesses a few rows and picks nested loops
         # that grow with the square of the batch. Planning per batch is cheap.

@@ -80,7 +80,7 @@ def _timestamp_json(column: str) -> str:
 #: PostgreSQL's shortest exact form (``1e+16`` for msgspec's ``1e16``: the same
 #: double; an integral value gets ``.0`` either way, so it still reads as a float).
 #: ``float8`` prints its shortest exact text when ``extra_float_digits`` is positive,
-#: which the read pools set (see ``persistence.database.create_pool``).
+#: which every pool sets (see ``persistence.database.create_pool``).
 ITEM_JSON = f"""'{{"name":' || to_json(name)::text
     || ',"value":' || CASE WHEN value = trunc(value) AND abs(value) < 1e15
         THEN value::text || '.0' ELSE value::text END

@@ -287,3 +287,17 @@ async def test_no_page_is_kept_when_the_cache_is_off(
         assert len(cache) == 0
         assert cache.hits == 0
         assert cache.page_reads == 2
+
+
+async def test_floats_keep_every_digit_whatever_the_servers_default(
+    database_url: str, pool: asyncpg.Pool[Any]
+) -> None:
+    # A server set to print 15 significant digits must not round what /data shows.
+    database = await pool.fetchval("SELECT current_database()")
+    await pool.execute(f'ALTER DATABASE "{database}" SET extra_float_digits = 0')
+    t = _at(2026, 0)
+    values = [0.1 + 0.2, 1 / 3, 107077.69000000001]
+    await _insert(pool, [(f"coin {i}", v, "csv", t, t) for i, v in enumerate(values)])
+    async with AsyncTestClient(app=create_app(_settings(database_url, 1 << 20))) as client:
+        body = (await client.get("/data", headers=AUTH)).json()
+    assert [item["value"] for item in body["data"]] == values
