@@ -68,12 +68,13 @@ class PageCache:
     ) -> reads.DataPage:
         """The page :func:`persistence.reads.data_page` reads for these arguments,
         from memory when the data has not changed since it was read."""
+        read = functools.partial(
+            reads.data_page, db, source=source, name=name, after=after, limit=limit, offset=offset
+        )
         if self.max_bytes == 0:
             self.misses += 1
             self.page_reads += 1
-            return await reads.data_page(
-                db, source=source, name=name, after=after, limit=limit, offset=offset
-            )
+            return await read()
         key: PageKey = (source, name, after, limit, offset)
         # Read after this request arrived: whatever is served must show at least
         # every change committed before that.
@@ -93,9 +94,7 @@ class PageCache:
             if shared.version == version:
                 return shared
         self.page_reads += 1
-        reading = asyncio.ensure_future(
-            reads.data_page(db, source=source, name=name, after=after, limit=limit, offset=offset)
-        )
+        reading = asyncio.ensure_future(read())
         self._reading[key] = reading
         reading.add_done_callback(functools.partial(self._read_done, key))
         return await asyncio.shield(reading)
