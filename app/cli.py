@@ -15,6 +15,7 @@ from persistence.batches import BatchCounts, reset_checkpoint
 from persistence.database import create_pool, resolve_database_url, run_migrations
 from pipelines.config import load_sources, select_sources
 from pipelines.errors import ConfigError
+from pipelines.priority import lower_priority
 from pipelines.settings import Settings, load_settings
 
 EXIT_OK = 0
@@ -95,8 +96,9 @@ async def _etl_run(settings: Settings, names: Sequence[str], as_json: bool) -> i
 
     sources = select_sources(load_sources(settings), list(names))
     url = resolve_database_url(settings)
+    lower_priority(settings.etl_nice)
     await asyncio.to_thread(run_migrations, url)
-    pool = await create_pool(url, max_size=4)
+    pool = await create_pool(url, max_size=4, backend_nice=settings.etl_nice)
     try:
         interactive = not as_json and sys.stdout.isatty() and sys.stderr.isatty()
         # No metrics: nothing would serve them (the service counts its own runs).
@@ -134,8 +136,9 @@ async def _etl_reprocess(settings: Settings) -> int:
 
     sources = load_sources(settings)
     url = resolve_database_url(settings)
+    lower_priority(settings.etl_nice)
     await asyncio.to_thread(run_migrations, url)
-    pool = await create_pool(url, max_size=2)
+    pool = await create_pool(url, max_size=2, backend_nice=settings.etl_nice)
     interactive = sys.stdout.isatty() and sys.stderr.isatty()
 
     def show(source: str, total: int) -> None:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 import asyncpg
 
 from pipelines.errors import ConfigError
+from pipelines.priority import lower_helper_priority
 from pipelines.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +155,38 @@ async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
     await conn.set_type_codec("jsonb", encoder=str, decoder=str, schema="pg_catalog")
 
 
+_LOCAL_HOSTS = frozenset({"", "localhost", "127.0.0.1", "::1"})
+
+
+def _server_is_local(url: str) -> bool:
+    """Whether ``url`` names a server on this host (loopback or a Unix socket)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    socket_dir = dict(parse_qsl(parts.query)).get("host", "")
+    return host in _LOCAL_HOSTS and (not socket_dir or socket_dir.startswith("/"))
+
+
+def lower_backend_priority(pid: int, niceness: int) -> bool:
+    """Raise the nice value of this host's PostgreSQL backend ``pid`` (and of the
+    autogroup its session forms) to ``niceness``; see :mod:`pipelines.priority`.
+
+    Only a process that is a PostgreSQL backend (by its name) and that this user
+    may renice is touched; returns whether its nice value is now at least
+    ``niceness``.
+    """
+    try:
+        if not Path(f"/proc/{pid}/comm").read_text().startswith("postgres"):
+            return False
+    except OSError:  # no /proc
+        return False
+    return lower_helper_priority(pid, niceness)
+
+
+async def _init_run_connection(niceness: int, conn: asyncpg.Connection[Any]) -> None:
+    await _init_connection(conn)
+    await asyncio.to_thread(lower_backend_priority, conn.get_server_pid(), niceness)
+
+
 async def _end_open_transaction(conn: asyncpg.Connection[Any]) -> None:
     if conn.is_in_transaction():
         await conn.execute("ROLLBACK")
@@ -165,6 +199,7 @@ async def create_pool(
     max_size: int = 10,
     connect_timeout: float = 10.0,
     read_only: bool = False,
+    backend_nice: int = 0,
 ) -> asyncpg.Pool[Any]:
     """An asyncpg pool; ``jsonb`` values are exchanged as JSON text.
 
@@ -172,6 +207,9 @@ async def create_pool(
         read_only: the pool only runs single read queries, which leave no session
             state (no locks, settings or cursors) behind; a released connection
             then skips asyncpg's full reset, a round trip per request.
+        backend_nice: for a server on this host, the nice value each connection's
+            backend process is given where this user may (see ``ETL_NICE``): a
+            run's statements then give way to the service's on a busy machine.
     """
     # /data renders floats in SQL (on whichever pool serves reads): any positive
     # value prints the shortest text that reads back as the same double, whatever
@@ -194,7 +232,11 @@ async def create_pool(
         max_size=max_size,
         timeout=connect_timeout,
         command_timeout=None,
-        init=_init_connection,
+        init=(
+            functools.partial(_init_run_connection, backend_nice)
+            if backend_nice > 0 and _server_is_local(url)
+            else _init_connection
+        ),
         reset=_end_open_transaction if read_only else None,
         server_settings=settings,
     )

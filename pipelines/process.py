@@ -43,6 +43,7 @@ import structlog
 from pipelines import errors
 from pipelines.config import SourceConfig
 from pipelines.errors import DatabaseUnavailableError, InjectedFailure, KasparroError
+from pipelines.priority import lower_priority
 from pipelines.settings import Settings
 
 if TYPE_CHECKING:
@@ -106,6 +107,12 @@ class ProcessRunner:
     @property
     def running(self) -> bool:
         return self._lock.locked()
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of the run's child while it runs."""
+        process = self._process
+        return process.pid if process is not None and process.returncode is None else None
 
     def request_stop(self) -> None:
         """Graceful stop: the child commits the batch in flight and closes the run."""
@@ -213,7 +220,9 @@ async def _child(job: Job) -> Outcome:
     from pipelines.runner import Runner
 
     assert job.settings.database_url is not None
-    pool = await create_pool(job.settings.database_url, max_size=4)
+    pool = await create_pool(
+        job.settings.database_url, max_size=4, backend_nice=job.settings.etl_nice
+    )
     try:
         # No metrics here: the service counts the run from the run object.
         runner = Runner(pool, job.settings, job.sources, None)
@@ -276,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = int.from_bytes(_read_exactly(0, 8), "big")
     job: Job = pickle.loads(_read_exactly(0, size))  # noqa: S301
     configure_logging(job.settings.log_format, job.settings.log_level, stream=sys.stdout)
+    lower_priority(job.settings.etl_nice)
     try:
         outcome = asyncio.run(_child(job))
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

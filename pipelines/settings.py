@@ -59,6 +59,9 @@ class Settings:
     etl_parse_process_min_bytes: int = 8 * 1024 * 1024
     """A file source with at least this much left to read is parsed in a process
     of its own, in parallel with the writes; 0 = always."""
+    etl_nice: int = 10
+    """Nice value of every run's processes (0-19): runs give way to the service's
+    requests on a busy machine; 0 = the caller's priority."""
     data_cache_bytes: int = 16 * 1024 * 1024
     """Memory for rendered ``/data`` pages, each served again while the data is
     unchanged; 0 = off."""
@@ -247,6 +250,9 @@ def load_settings(
     batch_size = _integer(env, "ETL_BATCH_SIZE", minimum=1)
     parse_process_min = _integer(env, "ETL_PARSE_PROCESS_MIN_BYTES", minimum=0)
     data_cache_bytes = _integer(env, "DATA_CACHE_BYTES", minimum=0)
+    etl_nice = _integer(env, "ETL_NICE", minimum=0)
+    if etl_nice is not None and etl_nice > 19:
+        raise ConfigError(f"ETL_NICE: expected 0..19, got {etl_nice}")
 
     return Settings(
         database_url=database_url,
@@ -266,6 +272,7 @@ def load_settings(
         etl_parse_process_min_bytes=(
             parse_process_min if parse_process_min is not None else 8 * 1024 * 1024
         ),
+        etl_nice=etl_nice if etl_nice is not None else 10,
         data_cache_bytes=data_cache_bytes if data_cache_bytes is not None else 16 * 1024 * 1024,
         host=env.get("HOST", "").strip() or "127.0.0.1",
         port=port,

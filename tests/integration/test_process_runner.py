@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from observability.metrics import Metrics
 from persistence import runs
 from pipelines.config import load_sources
 from pipelines.errors import DatabaseUnavailableError
+from pipelines.priority import autogroup_nice
 from pipelines.process import ProcessRunner
 from tests.helpers import (
     count,
@@ -103,6 +107,96 @@ async def test_a_stop_mid_run_commits_the_batch_in_flight_and_closes_the_run(
     # What was committed is exactly what the run counted.
     assert run["sources"]["csv"]["raw_inserted"] == stored
     assert await pool.fetchval("SELECT count(*) FROM etl_runs WHERE status = 'running'") == 0
+
+
+async def test_the_child_runs_at_the_nice_value_of_etl_nice_and_so_does_its_session(
+    tmp_path: Path, database_url: str, pool: asyncpg.Pool[Any]
+) -> None:
+    runner = _runner(tmp_path, database_url, csv_rows(300_000))
+    runner.settings = dataclasses.replace(runner.settings, etl_nice=13)
+    task = asyncio.create_task(runner.run("startup"))
+    await wait_for(lambda: _stored_any(pool), within=30)
+    pid = runner.pid
+    assert pid is not None
+    # Field 19 of /proc/PID/stat is the nice value (after the parenthesised name).
+    stat = await asyncio.to_thread(Path(f"/proc/{pid}/stat").read_text)
+    fields = stat.rsplit(")", 1)[1].split()
+    niceness = int(fields[16])
+    group = autogroup_nice(pid)
+    runner.request_stop()
+    await asyncio.wait_for(task, timeout=10)
+    assert niceness == max(13, os.getpriority(os.PRIO_PROCESS, 0))
+    # The service itself keeps its priority.
+    assert os.getpriority(os.PRIO_PROCESS, 0) < 13
+    if autogroup_nice(os.getpid()) is None:
+        pytest.skip("no autogroups on this kernel")
+    # The child leads a session of its own: with autogroups, only the group's
+    # nice value moves it against the service.
+    assert group == 13
+    assert autogroup_nice(os.getpid()) != 13
+
+
+_SESSIONS_SCRIPT = """
+import asyncio, os, sys
+from persistence.database import create_pool
+from pipelines.priority import autogroup_nice, lower_priority
+
+async def main(url):
+    lower_priority(12)
+    run_pool = await create_pool(url, max_size=1, backend_nice=12)
+    plain_pool = await create_pool(url, max_size=1)
+    try:
+        async with run_pool.acquire() as conn, plain_pool.acquire() as plain:
+            run_backend, plain_backend = conn.get_server_pid(), plain.get_server_pid()
+            print(
+                os.getpriority(os.PRIO_PROCESS, run_backend),
+                autogroup_nice(run_backend),
+                os.getpriority(os.PRIO_PROCESS, plain_backend),
+                autogroup_nice(plain_backend),
+                autogroup_nice(os.getpid()),
+            )
+    finally:
+        await run_pool.close()
+        await plain_pool.close()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("own_session", [True, False])
+async def test_a_runs_sessions_on_this_host_get_its_nice_value_and_its_groups(
+    database_url: str, own_session: bool
+) -> None:
+    from persistence.database import _server_is_local
+
+    if not _server_is_local(database_url):
+        pytest.skip("the test database is on another host")
+    probe = await asyncpg.connect(database_url)
+    try:
+        backend = probe.get_server_pid()
+        owner = (await asyncio.to_thread(Path(f"/proc/{backend}").stat)).st_uid
+    finally:
+        await probe.close()
+    if os.geteuid() not in (0, owner):
+        pytest.skip("the test database's server runs as another user")
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", _SESSIONS_SCRIPT, database_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=own_session,
+    )
+    assert done.returncode == 0, done.stderr
+    run_nice, run_group, plain_nice, plain_group, caller_group = done.stdout.split()
+    assert (run_nice, plain_nice) == ("12", "0")
+    if caller_group == "None":
+        pytest.skip("no autogroups on this kernel: the nice values alone order processes")
+    # A backend's autogroup goes exactly as far as its caller's own group: the
+    # caller leading its session went to 12; one in its parent's session stays.
+    assert caller_group == ("12" if own_session else "0")
+    assert run_group == caller_group
+    assert plain_group == "0"
 
 
 async def test_a_stop_asked_while_the_child_starts_is_not_lost(

@@ -32,6 +32,7 @@ def test_defaults(sources_file: Path) -> None:
     assert settings.etl_batch_size == 10_000
     assert settings.etl_parse_process_min_bytes == 8 * 1024 * 1024
     assert settings.data_cache_bytes == 16 * 1024 * 1024
+    assert settings.etl_nice == 10
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.app_env == "development"
 
@@ -51,6 +52,9 @@ def test_defaults(sources_file: Path) -> None:
         ("ETL_PARSE_PROCESS_MIN_BYTES", "8MB"),
         ("DATA_CACHE_BYTES", "-1"),
         ("DATA_CACHE_BYTES", "16MiB"),
+        ("ETL_NICE", "-1"),
+        ("ETL_NICE", "20"),
+        ("ETL_NICE", "low"),
         ("ETL_ON_STARTUP", "maybe"),
         ("PORT", "70000"),
         ("API_SOURCE_URL", "ftp://example.invalid/x"),
