@@ -398,15 +398,19 @@ def ingest_csv(ctx: Context) -> None:
     full, url, ref_run, note = _rounds(ctx, mine, ref)
     ctx.csv_full = full
     unified = _unified_rows(url)
-    ctx.log("  etl run again (nothing new)")
-    noop = etl_run(ctx, url, "csv", "csv-noop")
-    ctx.log(f"    {noop.measured.wall_seconds:.2f}s")
+    # Three reruns, the median kept: one start-up of a 0.3 s process is at the
+    # mercy of whatever else the machine does in that instant (the server's
+    # checkpoint or autovacuum after the load, among others).
+    ctx.log("  etl run again (nothing new), three times")
+    noops = [etl_run(ctx, url, "csv", f"csv-noop-{index + 1}") for index in range(3)]
+    ctx.log("    " + ", ".join(f"{n.measured.wall_seconds:.2f}s" for n in noops))
+    noop = sorted(noops, key=lambda n: n.measured.wall_seconds)[1]
     _ingestion_rows(ctx, "ingest_csv", full, ref_run, Goal(">=", 1.3), unified, note)
     add = ctx.results.add
     add(
         Row(
             "noop_rerun",
-            "wall of a rerun with nothing new",
+            "wall of a rerun with nothing new [median of 3]",
             noop.measured.wall_seconds,
             "s",
             "full load wall",

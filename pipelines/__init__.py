@@ -1,1 +1,3 @@
 """Ingestion: sources, transformation, drift detection and the run loop."""
+
+import observability  # noqa: F401  (structlog first, without rich: see there)
