@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow test-all lint format bench up down clean
+.PHONY: help install run test test-slow test-all lint format schema bench up down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ lint: $(STAMP) ## ruff and mypy --strict
 format: $(STAMP) ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+schema: $(STAMP) ## render alembic/schema.sql (an empty database's schema) after a new migration
+	$(BIN)/python -c "from persistence.database import render_schema; print(render_schema(), end='')" > alembic/schema.sql
 
 bench: $(STAMP) ## benchmarks against baselines measured in the same run (not part of test)
 	$(BIN)/python -m bench.run

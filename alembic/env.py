@@ -10,6 +10,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import context
+from persistence.database import MIGRATION_LOCK_KEY
 from persistence.models import Base
 
 config = context.config
@@ -36,11 +37,6 @@ def run_migrations_offline() -> None:
     context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
-
-
-# Replicas starting together on an empty database migrate one at a time: the
-# others wait for this transaction-scoped lock, then find nothing left to do.
-MIGRATION_LOCK_KEY = 0x6B61737061727230
 
 
 def _run_sync(connection: Connection) -> None:

@@ -1,0 +1,230 @@
+BEGIN;
+
+CREATE TABLE alembic_version (
+    version_num VARCHAR(32) NOT NULL, 
+    CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num)
+);
+
+-- Running upgrade  -> 0001
+
+CREATE SEQUENCE raw_record_seq;
+
+CREATE TABLE etl_checkpoint (
+    source TEXT NOT NULL, 
+    cursor JSONB DEFAULT '{}'::jsonb NOT NULL, 
+    schema JSONB, 
+    updated_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+    CONSTRAINT pk_etl_checkpoint PRIMARY KEY (source)
+);
+
+CREATE TABLE etl_drift_events (
+    id BIGSERIAL NOT NULL, 
+    run_id UUID NOT NULL, 
+    source TEXT NOT NULL, 
+    kind TEXT NOT NULL, 
+    field TEXT NOT NULL, 
+    new_field TEXT, 
+    confidence DOUBLE PRECISION, 
+    detail TEXT NOT NULL, 
+    created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+    CONSTRAINT pk_etl_drift_events PRIMARY KEY (id)
+);
+
+CREATE INDEX ix_etl_drift_events_run_id_source ON etl_drift_events (run_id, source);
+
+CREATE TABLE etl_rejections (
+    id BIGSERIAL NOT NULL, 
+    run_id UUID NOT NULL, 
+    source TEXT NOT NULL, 
+    raw_table TEXT NOT NULL, 
+    raw_id BIGINT NOT NULL, 
+    field TEXT NOT NULL, 
+    reason TEXT NOT NULL, 
+    created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+    CONSTRAINT pk_etl_rejections PRIMARY KEY (id)
+);
+
+CREATE INDEX ix_etl_rejections_run_id_source ON etl_rejections (run_id, source);
+
+CREATE INDEX ix_etl_rejections_source_id ON etl_rejections (source, id);
+
+CREATE TABLE etl_runs (
+    id UUID NOT NULL, 
+    trigger TEXT NOT NULL, 
+    status TEXT NOT NULL, 
+    started_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    finished_at TIMESTAMP WITH TIME ZONE, 
+    error TEXT, 
+    CONSTRAINT pk_etl_runs PRIMARY KEY (id)
+);
+
+CREATE INDEX ix_etl_runs_started_at ON etl_runs (started_at);
+
+CREATE INDEX ix_etl_runs_status ON etl_runs (status);
+
+CREATE TABLE raw_api_data (
+    id BIGINT DEFAULT nextval('raw_record_seq') NOT NULL, 
+    source TEXT NOT NULL, 
+    run_id UUID NOT NULL, 
+    content_hash BYTEA NOT NULL, 
+    payload JSONB NOT NULL, 
+    ingested_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+    CONSTRAINT pk_raw_api_data PRIMARY KEY (id), 
+    CONSTRAINT uq_raw_api_data_source_content_hash UNIQUE (source, content_hash)
+);
+
+CREATE TABLE raw_csv_data (
+    id BIGINT DEFAULT nextval('raw_record_seq') NOT NULL, 
+    source TEXT NOT NULL, 
+    run_id UUID NOT NULL, 
+    content_hash BYTEA NOT NULL, 
+    payload JSONB NOT NULL, 
+    ingested_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+    CONSTRAINT pk_raw_csv_data PRIMARY KEY (id), 
+    CONSTRAINT uq_raw_csv_data_source_content_hash UNIQUE (source, content_hash)
+);
+
+CREATE TABLE raw_third_source_data (
+    id BIGINT DEFAULT nextval('raw_record_seq') NOT NULL, 
+    source TEXT NOT NULL, 
+    run_id UUID NOT NULL, 
+    content_hash BYTEA NOT NULL, 
+    payload JSONB NOT NULL, 
+    ingested_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+    CONSTRAINT pk_raw_third_source_data PRIMARY KEY (id), 
+    CONSTRAINT uq_raw_third_source_data_source_content_hash UNIQUE (source, content_hash)
+);
+
+CREATE TABLE unified_data (
+    name TEXT NOT NULL, 
+    value DOUBLE PRECISION NOT NULL, 
+    source TEXT NOT NULL, 
+    observed_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    ingested_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    priority INTEGER NOT NULL, 
+    raw_id BIGINT NOT NULL, 
+    source_record_id TEXT, 
+    run_id UUID NOT NULL, 
+    updated_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+    CONSTRAINT pk_unified_data PRIMARY KEY (name)
+);
+
+CREATE INDEX ix_unified_data_source_name ON unified_data (source, name);
+
+CREATE TABLE etl_run_sources (
+    run_id UUID NOT NULL, 
+    source TEXT NOT NULL, 
+    position INTEGER DEFAULT 0 NOT NULL, 
+    status TEXT NOT NULL, 
+    fetched BIGINT DEFAULT 0 NOT NULL, 
+    raw_inserted BIGINT DEFAULT 0 NOT NULL, 
+    duplicates BIGINT DEFAULT 0 NOT NULL, 
+    rejected BIGINT DEFAULT 0 NOT NULL, 
+    unified_upserted BIGINT DEFAULT 0 NOT NULL, 
+    error TEXT, 
+    drift JSONB DEFAULT '[]'::jsonb NOT NULL, 
+    started_at TIMESTAMP WITH TIME ZONE, 
+    finished_at TIMESTAMP WITH TIME ZONE, 
+    CONSTRAINT pk_etl_run_sources PRIMARY KEY (run_id, source), 
+    CONSTRAINT fk_etl_run_sources_run_id_etl_runs FOREIGN KEY(run_id) REFERENCES etl_runs (id) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_etl_run_sources_source_finished_at ON etl_run_sources (source, finished_at);
+
+INSERT INTO alembic_version (version_num) VALUES ('0001') RETURNING alembic_version.version_num;
+
+-- Running upgrade 0001 -> 0002
+
+CREATE TABLE unified_counts (
+    source TEXT NOT NULL, 
+    rows BIGINT NOT NULL, 
+    CONSTRAINT pk_unified_counts PRIMARY KEY (source)
+);
+
+INSERT INTO unified_counts (source, rows) SELECT source, count(*) FROM unified_data GROUP BY source;
+
+CREATE FUNCTION unified_counts_add() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO unified_counts AS c (source, rows)
+    SELECT source, count(*) FROM new_rows GROUP BY source
+    ON CONFLICT (source) DO UPDATE SET rows = c.rows + excluded.rows;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION unified_counts_move() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- Each replaced row is once in old_rows and once in new_rows: the net change
+    -- of a source is its new count minus its old count. No join of the two sets
+    -- (they have no statistics, and a nested loop grows with the square).
+    WITH delta AS (
+        SELECT source, count(*) AS d FROM new_rows GROUP BY source
+        UNION ALL
+        SELECT source, -count(*) FROM old_rows GROUP BY source
+    )
+    INSERT INTO unified_counts AS c (source, rows)
+    SELECT source, sum(d) FROM delta GROUP BY source HAVING sum(d) <> 0
+    ON CONFLICT (source) DO UPDATE SET rows = c.rows + excluded.rows;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION unified_counts_remove() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE unified_counts AS c SET rows = c.rows - o.n
+    FROM (SELECT source, count(*) AS n FROM old_rows GROUP BY source) AS o
+    WHERE c.source = o.source;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION unified_counts_clear() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM unified_counts;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER unified_counts_insert AFTER INSERT ON unified_data
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION unified_counts_add();
+
+CREATE TRIGGER unified_counts_update AFTER UPDATE ON unified_data
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION unified_counts_move();
+
+CREATE TRIGGER unified_counts_delete AFTER DELETE ON unified_data
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION unified_counts_remove();
+
+CREATE TRIGGER unified_counts_truncate AFTER TRUNCATE ON unified_data
+    FOR EACH STATEMENT EXECUTE FUNCTION unified_counts_clear();
+
+UPDATE alembic_version SET version_num='0002' WHERE alembic_version.version_num = '0001';
+
+-- Running upgrade 0002 -> 0003
+
+CREATE TABLE unified_version (
+    singleton BOOLEAN DEFAULT true NOT NULL, 
+    version BIGINT NOT NULL, 
+    CONSTRAINT pk_unified_version PRIMARY KEY (singleton), 
+    CONSTRAINT ck_unified_version_singleton CHECK (singleton)
+);
+
+INSERT INTO unified_version (version) VALUES (pg_current_xact_id()::text::bigint);
+
+CREATE FUNCTION unified_version_bump() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- Transaction ids never repeat in a cluster: two changes never share a version.
+    UPDATE unified_version SET version = pg_current_xact_id()::text::bigint;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER unified_a_version_insert AFTER INSERT ON unified_data FOR EACH STATEMENT EXECUTE FUNCTION unified_version_bump();
+
+CREATE TRIGGER unified_a_version_update AFTER UPDATE ON unified_data FOR EACH STATEMENT EXECUTE FUNCTION unified_version_bump();
+
+CREATE TRIGGER unified_a_version_delete AFTER DELETE ON unified_data FOR EACH STATEMENT EXECUTE FUNCTION unified_version_bump();
+
+CREATE TRIGGER unified_a_version_truncate AFTER TRUNCATE ON unified_data FOR EACH STATEMENT EXECUTE FUNCTION unified_version_bump();
+
+UPDATE alembic_version SET version_num='0003' WHERE alembic_version.version_num = '0002';
+
+COMMIT;
+
