@@ -116,3 +116,70 @@ async def test_values_and_timestamps_reach_the_database_exactly(
     assert [msgspec.json.decode(r["payload"]) for r in stored_payloads] == [
         msgspec.json.decode(p) for p in cols.payload
     ]
+
+
+async def test_special_characters_and_edge_values_arrive_as_they_were(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    # Whatever format the batch travels in: tab, newline, carriage return and
+    # backslash arrive as they were, and a value reading "\N" is text, not NULL.
+    tricky = ["tab\there", "line\nbreak", "cr\rhere", "back\\slash", "\\N", "", "\\\\N\t\\"]
+    cols = _columns([(f"name {i} {t}", float(i)) for i, t in enumerate(tricky)], T1)
+    cols.record_id = [t for t in tricky]
+    cols.record_id[0] = None
+    # Payloads whose JSON holds escapes: the server must store the JSON as given.
+    for i, text in enumerate(tricky):
+        record = make_record({"name": cols.name[i], "raw": text, "q": '"\\u00e9"'})
+        cols.content_hash[i] = record.content_hash
+        cols.payload[i] = record.data.decode()
+    # Timestamps at the edges of the range, and one not in UTC.
+    from datetime import timedelta, timezone
+
+    cols.observed_at[1] = datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
+    cols.observed_at[2] = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    cols.observed_at[3] = datetime(
+        2026, 6, 1, 12, 0, tzinfo=timezone(timedelta(hours=-5, minutes=-30))
+    )
+    cols.observed_at[4] = None
+    # Two rejected rows: their reason and field keep every character.
+    cols.name[5] = cols.name[6] = None
+    cols.value[5] = cols.value[6] = None
+    cols.rejected_field[5], cols.rejected_reason[5] = "value", "not a number: 'a\tb\nc\\d'"
+    cols.rejected_field[6], cols.rejected_reason[6] = "na\\me", ""
+    when = datetime(2026, 2, 2, tzinfo=UTC)
+    async with pool.acquire() as conn:
+        written = await batches.write_batch_adaptive(
+            conn,
+            TABLE,
+            cols,
+            InsertMode(),
+            source="csv",
+            priority=0,
+            run_id=uuid.uuid4(),
+            ingested_at=when,
+            fetched=len(cols.content_hash),
+            cursor={"offset": 0},
+            schema=None,
+        )
+        unified = await conn.fetch(
+            "SELECT name, value, observed_at, source_record_id FROM unified_data"
+        )
+        raw = await conn.fetch(f"SELECT content_hash, payload FROM {TABLE} ORDER BY id")
+        rejections = await conn.fetch("SELECT field, reason FROM etl_rejections ORDER BY raw_id")
+    assert written == (7, 2, 5)
+    assert {r["name"]: (r["value"], r["observed_at"], r["source_record_id"]) for r in unified} == {
+        cols.name[i]: (
+            cols.value[i],
+            cols.observed_at[i] if cols.observed_at[i] is not None else when,
+            cols.record_id[i],
+        )
+        for i in range(5)
+    }
+    assert [bytes(r["content_hash"]) for r in raw] == cols.content_hash
+    assert [msgspec.json.decode(r["payload"]) for r in raw] == [
+        msgspec.json.decode(p) for p in cols.payload
+    ]
+    assert [(r["field"], r["reason"]) for r in rejections] == [
+        ("value", "not a number: 'a\tb\nc\\d'"),
+        ("na\\me", ""),
+    ]
