@@ -19,13 +19,15 @@ print(lower_priority(int(sys.argv[2])), os.getpriority(os.PRIO_PROCESS, 0))
 """
 
 
-def _run(start: int, wanted: int) -> str:
+def _run(script: str, *args: int, own_session: bool = False) -> str:
+    """``script`` in a fresh interpreter (in a session of its own if asked): its output."""
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(start), str(wanted)],
+        [sys.executable, "-c", script, *map(str, args)],
         capture_output=True,
         text=True,
         check=True,
         timeout=60,
+        start_new_session=own_session,
     )
     return done.stdout.strip()
 
@@ -42,7 +44,7 @@ def _run(start: int, wanted: int) -> str:
 def test_lower_priority_raises_the_nice_value_and_never_lowers_it(
     start: int, wanted: int, printed: str
 ) -> None:
-    assert _run(start, wanted) == printed
+    assert _run(SCRIPT, start, wanted) == printed
 
 
 GROUP_SCRIPT = """
@@ -83,16 +85,9 @@ def _autogroups_on() -> bool:
 def test_a_process_leading_its_session_lowers_its_autogroup_and_its_helpers_follow(
     own_session: bool, niceness: int, helper_niceness: int, printed: str
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", GROUP_SCRIPT, str(niceness), str(helper_niceness)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-        start_new_session=own_session,
-    )
+    printed_here = _run(GROUP_SCRIPT, niceness, helper_niceness, own_session=own_session)
     ours = Path("/proc/self/autogroup").read_text().split()[-1]
-    assert done.stdout.strip() == printed.format(ours=ours)
+    assert printed_here == printed.format(ours=ours)
 
 
 @pytest.mark.parametrize(
