@@ -399,8 +399,7 @@ def ingest_csv(ctx: Context) -> None:
     ctx.csv_full = full
     unified = _unified_rows(url)
     # Three reruns, the median kept: one start-up of a 0.3 s process is at the
-    # mercy of whatever else the machine does in that instant (the server's
-    # checkpoint or autovacuum after the load, among others).
+    # mercy of whatever else the machine does in that instant.
     ctx.log("  etl run again (nothing new), three times")
     noops = [etl_run(ctx, url, "csv", f"csv-noop-{index + 1}") for index in range(3)]
     ctx.log("    " + ", ".join(f"{n.measured.wall_seconds:.2f}s" for n in noops))
