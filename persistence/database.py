@@ -132,20 +132,34 @@ _SCHEMA_REVISION = re.compile(
 )
 
 
+def _alembic_config(root: Path, url: str, output_buffer: Any = None) -> Any:
+    from alembic.config import Config
+
+    config = Config(str(root / "alembic.ini"), output_buffer=output_buffer)
+    config.set_main_option("script_location", str(root / "alembic"))
+    # Percent signs in passwords would otherwise be read as interpolation.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["configure_logger"] = False
+    return config
+
+
+def alembic_upgrade(url: str, revision: str = "head", root: Path | None = None) -> None:
+    """Alembic's own upgrade of ``url`` to ``revision`` (loads Alembic and SQLAlchemy)."""
+    from alembic import command
+
+    command.upgrade(_alembic_config(root or _migrations_root(), url), revision)
+
+
 def render_schema(root: Path | None = None) -> str:
     """Alembic's offline SQL for an empty database, up to the newest migration."""
     import io
 
-    from alembic.config import Config
-
     from alembic import command
 
-    root = root or _migrations_root()
     out = io.StringIO()
-    config = Config(str(root / "alembic.ini"), output_buffer=out)
-    config.set_main_option("script_location", str(root / "alembic"))
-    config.set_main_option("sqlalchemy.url", "postgresql://render@localhost/render")
-    config.attributes["configure_logger"] = False
+    config = _alembic_config(
+        root or _migrations_root(), "postgresql://render@localhost/render", out
+    )
     command.upgrade(config, "head", sql=True)
     return out.getvalue()
 
@@ -215,16 +229,7 @@ def run_migrations(url: str) -> None:
     root = _migrations_root()
     if asyncio.run(_migrate_without_alembic(url, root, head_revision(root))):
         return
-    from alembic.config import Config
-
-    from alembic import command
-
-    config = Config(str(root / "alembic.ini"))
-    config.set_main_option("script_location", str(root / "alembic"))
-    # Percent signs in passwords would otherwise be read as interpolation.
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    config.attributes["configure_logger"] = False
-    command.upgrade(config, "head")
+    alembic_upgrade(url, "head", root)
 
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:

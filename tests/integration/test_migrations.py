@@ -17,6 +17,7 @@ import pytest
 from persistence.database import (
     REPO_ROOT,
     SCHEMA_FILE,
+    alembic_upgrade,
     head_revision,
     render_schema,
     run_migrations,
@@ -72,18 +73,6 @@ async def _catalog(url: str) -> list[str]:
         await conn.close()
 
 
-def _alembic_upgrade(url: str, revision: str) -> None:
-    from alembic.config import Config
-
-    from alembic import command
-
-    config = Config(str(REPO_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(REPO_ROOT / "alembic"))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    config.attributes["configure_logger"] = False
-    command.upgrade(config, revision)
-
-
 def test_the_rendered_schema_is_the_migrations_of_today() -> None:
     # After a new migration: `make schema`.
     committed = (REPO_ROOT / "alembic" / SCHEMA_FILE).read_text(encoding="utf-8")
@@ -107,7 +96,7 @@ def test_an_empty_database_gets_the_schema_alembic_would_build_without_loading_a
         timeout=120,
     )
     assert done.stdout.split() == ["False", "False"]
-    _alembic_upgrade(slow, "head")
+    alembic_upgrade(slow, "head")
     built = asyncio.run(_catalog(fast))
     assert built == asyncio.run(_catalog(slow))
     assert f"row {head_revision(REPO_ROOT)}" in built
@@ -118,7 +107,7 @@ def test_a_database_at_an_older_migration_is_upgraded_by_alembic(
     empty_databases: list[str],
 ) -> None:
     older, fresh = empty_databases
-    _alembic_upgrade(older, "0002")
+    alembic_upgrade(older, "0002")
     assert "row 0002" in asyncio.run(_catalog(older))
     run_migrations(older)
     run_migrations(fresh)
