@@ -31,6 +31,8 @@ from pipelines.sources.files import file_chunks, read_error
 QUEUE_CHUNKS = 2
 """Prepared chunks the parse process may keep ready ahead of the writer."""
 POLL_SECONDS = 0.5
+RECEIVE_GRACE_SECONDS = 30.0
+"""How long a cancelled consumer waits for a receive under way to end."""
 
 # What travels on the queue: ("chunk", Prepared), ("end", None),
 # ("error", one line for the run record) or ("crash", a bug's one line).
@@ -116,9 +118,13 @@ async def prepared_in_process(
         daemon=True,
     )
     await asyncio.to_thread(process.start)
+    receiving: asyncio.Future[_Message] | None = None
     try:
         while True:
-            kind, value = await asyncio.to_thread(_receive, channel, process)
+            # Shielded: a consumer cancelled during a receive leaves it to finish.
+            receiving = asyncio.ensure_future(asyncio.to_thread(_receive, channel, process))
+            kind, value = await asyncio.shield(receiving)
+            receiving = None
             if kind == "chunk":
                 yield value
             elif kind == "end":
@@ -128,6 +134,12 @@ async def prepared_in_process(
             else:
                 raise ParseProcessError(value)
     finally:
+        if receiving is not None:
+            # A reader thread may be half way through a chunk: terminating the
+            # process now would leave it waiting forever for the rest (the
+            # parent holds the pipe's other end too). The process is alive and
+            # writes the chunk whole, or exits and the receive says so.
+            await asyncio.wait([receiving], timeout=RECEIVE_GRACE_SECONDS)
         if process.is_alive():
             process.terminate()
         await asyncio.to_thread(process.join, 5)

@@ -184,3 +184,49 @@ def _parse_processes() -> list[int]:
         if parent == me and b"spawn_main" in cmdline:
             found.append(int(entry.name))
     return found
+
+
+async def test_a_consumer_cancelled_mid_transfer_leaves_no_reader_behind(tmp_path: Path) -> None:
+    # Chunks of several megabytes take a while to cross the pipe: a consumer
+    # cancelled then must not terminate the parse process under a reader thread
+    # that is half way through a chunk (it would wait forever for the rest, and
+    # the event loop's shutdown with it).
+    from pipelines.config import load_sources
+    from pipelines.parse_process import prepared_in_process
+
+    write_csv(tmp_path / "big.csv", csv_rows(120_000))
+    settings = make_settings(write_sources(tmp_path, csv_entry(tmp_path / "big.csv")))
+    source = next(s for s in load_sources(settings) if s.name == "csv")
+
+    async def consume() -> None:
+        stream = prepared_in_process(source, None, None, 40_000)
+        try:
+            async for _ in stream:
+                pass
+        finally:
+            await stream.aclose()
+
+    for _ in range(3):
+        task = asyncio.create_task(consume())
+        # Cancel exactly while a reader thread is inside a chunk's bytes.
+        await wait_for(lambda: _thread_in("_recv_bytes"), within=60, interval=0.001)
+        task.cancel()
+        await asyncio.wait([task], timeout=60)
+        assert task.done()
+        # The receive under way ends (it is not left waiting on a dead process).
+        await wait_for(lambda: _no_thread_in("_receive"), within=15)
+
+
+async def _thread_in(function: str) -> bool:
+    return not await _no_thread_in(function)
+
+
+async def _no_thread_in(function: str) -> bool:
+    import sys
+
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code.co_name == function:
+                return False
+            frame = frame.f_back
+    return True
