@@ -282,6 +282,7 @@ async def create_pool(
     connect_timeout: float = 10.0,
     read_only: bool = False,
     backend_nice: int = 0,
+    application_name: str = "kasparro",
 ) -> asyncpg.Pool[Any]:
     """An asyncpg pool; ``jsonb`` values are exchanged as JSON text.
 
@@ -292,11 +293,12 @@ async def create_pool(
         backend_nice: for a server on this host, the nice value each connection's
             backend process is given where this user may (see ``ETL_NICE``): a
             run's statements then give way to the service's on a busy machine.
+        application_name: how the sessions appear in ``pg_stat_activity``.
     """
     # /data renders floats in SQL (on whichever pool serves reads): any positive
     # value prints the shortest text that reads back as the same double, whatever
     # the server's default (0 would round to 15 digits).
-    settings = {"application_name": "kasparro", "extra_float_digits": "1"}
+    settings = {"application_name": application_name, "extra_float_digits": "1"}
     if not read_only:
         # The batch statement joins arrays whose size only the actual parameters
         # tell; a cached generic plan guesses a few rows and picks nested loops

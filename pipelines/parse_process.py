@@ -88,6 +88,11 @@ def _receive(channel: Any, process: BaseProcess) -> _Message:
         try:
             message: _Message = channel.get(timeout=POLL_SECONDS)
             return message
+        except (EOFError, OSError):
+            # The pipe ended, half way through a chunk or between two: the
+            # process died (killed from outside, say) without saying ``end``.
+            process.join(POLL_SECONDS)
+            return ("crash", f"the parse process exited with code {process.exitcode}")
         except queue.Empty:
             if not process.is_alive():
                 try:
@@ -118,6 +123,12 @@ async def prepared_in_process(
         daemon=True,
     )
     await asyncio.to_thread(process.start)
+    # The process holds its own copy of the pipe's write end now. Closing ours
+    # lets a process that dies half way through writing a chunk end the read
+    # with EOF; with our copy open, the reader would wait forever for the rest.
+    writer = getattr(channel, "_writer", None)
+    if writer is not None:
+        writer.close()
     receiving: asyncio.Future[_Message] | None = None
     try:
         while True:

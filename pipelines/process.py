@@ -16,7 +16,14 @@ pipelines.process``) and keeps only the waiting:
   when the service is gone, does the same, so a killed service never leaves an
   orphan ingesting on; a stop asked while the child is still starting waits in
   the pipe instead of being lost. SIGTERM and SIGINT stop it the same way;
-- the parent counts the run's metrics from the run object it gets back.
+- the parent counts the run's metrics from the run object it gets back;
+- a child that had to be killed (a stop that ran out of time, a cancelled
+  run) or died by a signal can leave database sessions behind: a backend only
+  learns that its client is gone when it next reads from it, so a statement
+  under way, or waiting for a lock, would carry on and could still commit, and
+  the run's advisory lock would keep the run looking alive meanwhile. The
+  parent terminates the sessions the child opened (they carry a name drawn
+  for the run in their ``application_name``) before it lets the run go.
 
 The child's log lines go to the service's own standard output.
 """
@@ -31,6 +38,7 @@ import signal
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +62,8 @@ log = structlog.get_logger("kasparro.process")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 STOP_LINE = b"stop\n"
 """What the service writes on the child's standard input to stop the run."""
+END_SESSIONS_SECONDS = 5.0
+"""How long the parent tries to end a killed child's database sessions."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +74,9 @@ class Job:
     sources: list[SourceConfig]
     trigger: str
     names: tuple[str, ...] | None
+    session_name: str = "kasparro"
+    """The ``application_name`` of the child's database sessions: drawn per run,
+    so that no other run's sessions (another replica's, say) share it."""
 
 
 class Outcome(msgspec.Struct, frozen=True):
@@ -134,7 +147,13 @@ class ProcessRunner:
         """
         async with self._lock:
             self._stop_requested = False
-            job = Job(self.settings, self.sources, trigger, tuple(names) if names else None)
+            job = Job(
+                self.settings,
+                self.sources,
+                trigger,
+                tuple(names) if names else None,
+                session_name=f"kasparro-run-{uuid.uuid4().hex[:16]}",
+            )
             with tempfile.TemporaryDirectory(prefix="kasparro-run-") as folder:
                 result = Path(folder) / "outcome.json"
                 returncode = await self._spawn_and_wait(job, result)
@@ -183,8 +202,37 @@ class ProcessRunner:
                 await process.wait()
             raise
         finally:
+            if process.returncode is not None and process.returncode < 0:
+                # Killed, by us or by a signal from elsewhere: its sessions may outlive it.
+                await self._end_sessions(job.session_name)
             self.metrics.running.set(0)
             self._process = None
+
+    async def _end_sessions(self, name: str) -> None:
+        """Terminate the database sessions called ``name`` and wait until they are gone."""
+        assert self.settings.database_url is not None
+        ended = 0
+        try:
+            async with asyncio.timeout(END_SESSIONS_SECONDS):
+                conn = await asyncpg.connect(self.settings.database_url)
+                try:
+                    while left := await conn.fetchval(_TERMINATE_SESSIONS, name):
+                        ended = max(ended, left)
+                        await asyncio.sleep(0.02)
+                finally:
+                    await conn.close()
+        except Exception as exc:  # the database is away: its sessions are gone or go with it
+            log.warning("run_sessions_not_ended", application_name=name, error=_one_line(exc))
+            return
+        if ended:
+            log.warning("run_sessions_ended", application_name=name, sessions=ended)
+
+
+# Signalled sessions stay listed until they exit: counted again until none is left.
+_TERMINATE_SESSIONS = """
+SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+WHERE application_name = $1 AND pid <> pg_backend_pid()
+"""
 
 
 def _error_of(outcome: Outcome) -> Exception:
@@ -221,7 +269,10 @@ async def _child(job: Job) -> Outcome:
 
     assert job.settings.database_url is not None
     pool = await create_pool(
-        job.settings.database_url, max_size=4, backend_nice=job.settings.etl_nice
+        job.settings.database_url,
+        max_size=4,
+        backend_nice=job.settings.etl_nice,
+        application_name=job.session_name,
     )
     try:
         # No metrics here: the service counts the run from the run object.

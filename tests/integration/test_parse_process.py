@@ -230,3 +230,69 @@ async def _no_thread_in(function: str) -> bool:
                 return False
             frame = frame.f_back
     return True
+
+
+_KILLED_MID_CHUNK = """
+import asyncio, fcntl, os, signal, sys, termios
+from array import array
+
+from pipelines.config import load_sources
+from pipelines.parse_process import ParseProcessError, prepared_in_process
+from tests.helpers import make_settings
+
+
+def waiting_bytes(channel):
+    count = array("i", [0])
+    fcntl.ioctl(channel._reader.fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
+async def main(sources_file):
+    source = next(s for s in load_sources(make_settings(sources_file)) if s.name == "csv")
+    stream = prepared_in_process(source, None, None, 40_000)
+    await anext(stream)
+    channel = stream.ag_frame.f_locals["channel"]
+    process = stream.ag_frame.f_locals["process"]
+    # A chunk is megabytes and a pipe holds 64 KiB: bytes waiting in it are the
+    # start of a chunk whose writer is blocked on the rest.
+    for _ in range(3000):
+        if waiting_bytes(channel) > 0:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        sys.exit("the next chunk never started")
+    os.kill(process.pid, signal.SIGKILL)
+    try:
+        await asyncio.wait_for(anext(stream), 20)
+    except ParseProcessError as exc:
+        print(exc)
+    finally:
+        await stream.aclose()
+
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_parse_process_killed_half_way_through_a_chunk_fails_the_read_instead_of_hanging(
+    tmp_path: Path,
+) -> None:
+    # Killed from outside (the OOM killer, say) with a chunk half written, the
+    # process leaves the reader with a truncated message: the read must end,
+    # and the source fail with one line, rather than wait for the rest forever.
+    # In a child interpreter, so that a reader left hanging fails this test by
+    # its timeout instead of hanging the test session.
+    import subprocess
+    import sys
+
+    write_csv(tmp_path / "big.csv", csv_rows(120_000))
+    sources_file = write_sources(tmp_path, csv_entry(tmp_path / "big.csv"))
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_CHUNK, str(sources_file)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "the parse process exited with code -9"

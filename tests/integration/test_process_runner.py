@@ -247,3 +247,44 @@ async def test_a_database_that_cannot_be_reached_is_one_expected_error(
     with pytest.raises(DatabaseUnavailableError, match="database unavailable"):
         await runner.run("schedule")
     assert ("etl_runs_total", (("status", "failed"),)) not in _samples(runner.metrics)
+
+
+_RUN_SESSIONS = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name LIKE 'kasparro-run-%'
+"""
+
+
+async def test_a_killed_childs_sessions_end_with_it_so_nothing_it_sent_commits_later(
+    tmp_path: Path, database_url: str, pool: asyncpg.Pool[Any]
+) -> None:
+    # A backend learns that its client is gone only when it next reads from it:
+    # one waiting for a lock when the child is killed would otherwise write its
+    # batch as soon as the lock is free, and hold the run's lock until then.
+    runner = _runner(tmp_path, database_url, csv_rows(300_000))
+    task = asyncio.create_task(runner.run("startup"))
+    await wait_for(lambda: _stored_any(pool), within=30)
+    blocker = await asyncpg.connect(database_url)
+    try:
+        locked = blocker.transaction()
+        await locked.start()
+        # Writes to the raw table wait behind this; reads do not.
+        await blocker.execute("LOCK TABLE raw_csv_data IN SHARE MODE")
+
+        async def child_waits() -> bool:
+            waiting = await pool.fetchval(_RUN_SESSIONS + " AND wait_event_type = 'Lock'")
+            return bool(waiting)
+
+        await wait_for(child_waits, within=30)
+        stored = await count(pool, "raw_csv_data")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await pool.fetchval(_RUN_SESSIONS) == 0
+        await locked.rollback()
+    finally:
+        await blocker.close()
+    await asyncio.sleep(0.5)
+    assert await count(pool, "raw_csv_data") == stored
+    async with pool.acquire() as conn:
+        assert len(await runs.close_interrupted_runs(conn)) == 1
