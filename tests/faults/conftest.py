@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -20,13 +19,13 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 import pytest
 
 from tests.faults.audit import REPORTS
 from tests.helpers import REPO_ROOT, kasparro_command
+from tests.pg_proxy import PgProxy
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -157,114 +156,6 @@ def serve(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], ServeProcess]]:
     yield start
     for served in started:
         served.kill()
-
-
-class PgProxy:
-    """Forwards TCP connections on 127.0.0.1 to PostgreSQL (TCP or unix socket).
-
-    ``cut()`` aborts every connection in flight and refuses new ones, as a lost
-    network or a database restart would; ``restore()`` forwards again. It runs
-    its own event loop in a thread, so it keeps working while the test blocks.
-    """
-
-    def __init__(self, database_url: str) -> None:
-        parts = urlsplit(database_url)
-        query = dict(parse_qsl(parts.query))
-        port = int(query.pop("port", 0) or parts.port or 5432)
-        host = query.pop("host", None) or parts.hostname or "127.0.0.1"
-        # A host that is a directory names the unix socket of a local server.
-        self._unix = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else None
-        self._tcp = (host, port)
-        self._parts = parts._replace(query=urlencode(query))
-        self.refusing = False
-        self.connections = 0
-        self._links: set[asyncio.StreamWriter] = set()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        user = self._parts.username or ""
-        password = f":{self._parts.password}" if self._parts.password else ""
-        netloc = f"{user}{password}@127.0.0.1:{self.port}"
-        return urlunsplit(self._parts._replace(netloc=netloc))
-
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
-
-    def start(self) -> PgProxy:
-        self._thread.start()
-        self._server = self._call(self._listen())
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _listen(self) -> asyncio.Server:
-        return await asyncio.start_server(self._handle, "127.0.0.1", 0)
-
-    def cut(self) -> int:
-        """Drop every connection and refuse new ones; how many were dropped."""
-
-        async def apply() -> int:
-            self.refusing = True
-            dropped = len(self._links)
-            for writer in list(self._links):
-                writer.transport.abort()
-            self._links.clear()
-            return dropped
-
-        dropped: int = self._call(apply())
-        return dropped
-
-    def restore(self) -> None:
-        async def apply() -> None:
-            self.refusing = False
-
-        self._call(apply())
-
-    def close(self) -> None:
-        async def shutdown() -> None:
-            for writer in list(self._links):
-                writer.transport.abort()
-            if self._server is not None:
-                self._server.close()
-
-        self._call(shutdown())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing:
-            writer.transport.abort()
-            return
-        try:
-            if self._unix is not None:
-                up_reader, up_writer = await asyncio.open_unix_connection(self._unix)
-            else:
-                up_reader, up_writer = await asyncio.open_connection(*self._tcp)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.connections += 1
-        self._links.update((writer, up_writer))
-        await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
-        )
-        self._links.discard(writer)
-        self._links.discard(up_writer)
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.transport.abort()
 
 
 @pytest.fixture

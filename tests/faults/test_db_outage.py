@@ -19,8 +19,9 @@ import asyncpg
 import pytest
 
 from tests.faults.audit import SourceInput, audit, note
-from tests.faults.conftest import PgProxy, ServeProcess, csv_records, csv_text
+from tests.faults.conftest import ServeProcess, csv_records, csv_text
 from tests.helpers import cli_env, csv_entry, write_sources
+from tests.pg_proxy import PgProxy
 
 ROWS = 150_000
 OUTAGE_SECONDS = 3.0
