@@ -89,6 +89,11 @@ async def _apply(
     """Upsert one batch; returns the rows written and the schema to judge the next by."""
     payloads = [r[1] for r in rows]
     outcome = detect_drift(source, payloads, schema)
+    if outcome.error is not None:
+        # Ingestion failed the source on this batch (a frozen schema, say) and
+        # kept its records in raw only: they stay out of the unified table here
+        # too, and the next batch is judged by the schema from before it.
+        return 0, outcome.schema
     evaluated = evaluate(payloads, outcome.mapping)
     unified = _unified_rows(
         (raw_id, result, ingested_at, run_id)

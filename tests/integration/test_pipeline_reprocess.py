@@ -57,3 +57,42 @@ async def test_reprocess_follows_a_rename_that_ingestion_followed(
 
     assert written == {"json": 6, "csv": 4}
     assert without_updated_at(await unified_rows(pool)) == without_updated_at(before)
+
+
+async def test_reprocess_leaves_out_what_a_frozen_schema_kept_out(
+    pool: asyncpg.Pool[Any], tmp_path: Path
+) -> None:
+    path = tmp_path / "coins.json"
+    old = [coin(f"Coin {i}", 1.0 + i, f"2026-01-01T00:00:0{i}Z") for i in range(3)]
+    write_json_array(path, old)
+    write_csv(tmp_path / "prices.csv", csv_rows(4, prefix="csv coin"))
+    entry = json_entry(path) + 'drift_policy = "freeze"\n'
+    settings = make_settings(write_sources(tmp_path, entry, csv_entry("prices.csv")))
+    await run_etl(pool, settings)
+
+    # Newer prices arrive with a field the frozen schema does not know: the
+    # source fails, raw keeps the records and the unified table keeps the old prices.
+    newer = [
+        {**coin(f"Coin {i}", 100.0 + i, f"2026-01-02T00:00:0{i}Z"), "market_cap_rank": i}
+        for i in range(3)
+    ]
+    write_json_array(path, [*old, *newer])
+    run = await run_etl(pool, settings)
+    assert run["sources"]["json"]["status"] == "failed"
+    assert run["sources"]["json"]["error"].startswith("schema drift under freeze policy")
+    assert run["sources"]["json"]["raw_inserted"] == 3
+    before = await unified_rows(pool)
+    assert sorted(row["value"] for row in before if row["source"] == "json") == [1.0, 2.0, 3.0]
+
+    await pool.execute("DELETE FROM unified_data")
+    written = await reprocess(pool, load_sources(settings))
+
+    assert written == {"json": 3, "csv": 4}
+    assert without_updated_at(await unified_rows(pool)) == without_updated_at(before)
+
+    # Once the source follows drift, a reprocess brings the waiting records in.
+    evolving = json_entry(path) + 'drift_policy = "evolve"\n'
+    settings = make_settings(write_sources(tmp_path, evolving, csv_entry("prices.csv")))
+    assert await reprocess(pool, load_sources(settings)) == {"json": 6, "csv": 4}
+    rows = await unified_rows(pool)
+    assert sorted(row["value"] for row in rows if row["source"] == "json") == [100.0, 101.0, 102.0]
