@@ -23,7 +23,8 @@ pipelines.process``) and keeps only the waiting:
   under way, or waiting for a lock, would carry on and could still commit, and
   the run's advisory lock would keep the run looking alive meanwhile. The
   parent terminates the sessions the child opened (they carry a name drawn
-  for the run in their ``application_name``) before it lets the run go.
+  for the run in their ``application_name``) and closes the run as
+  interrupted before it lets the run go.
 
 The child's log lines go to the service's own standard output.
 """
@@ -62,8 +63,8 @@ log = structlog.get_logger("kasparro.process")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 STOP_LINE = b"stop\n"
 """What the service writes on the child's standard input to stop the run."""
-END_SESSIONS_SECONDS = 5.0
-"""How long the parent tries to end a killed child's database sessions."""
+END_SESSIONS_SECONDS = 3.0
+"""How long the parent tries to end a killed child's database sessions and close its run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,14 +205,19 @@ class ProcessRunner:
         finally:
             if process.returncode is not None and process.returncode < 0:
                 # Killed, by us or by a signal from elsewhere: its sessions may outlive it.
-                await self._end_sessions(job.session_name)
+                await self._after_kill(job.session_name)
             self.metrics.running.set(0)
             self._process = None
 
-    async def _end_sessions(self, name: str) -> None:
-        """Terminate the database sessions called ``name`` and wait until they are gone."""
+    async def _after_kill(self, name: str) -> None:
+        """Terminate the database sessions called ``name``, wait until they are
+        gone, then close the run they leave behind as interrupted (its lock went
+        with them), so that ``/runs`` and ``/health`` do not show it running."""
+        from persistence import runs
+
         assert self.settings.database_url is not None
         ended = 0
+        closed: list[uuid.UUID] = []
         try:
             async with asyncio.timeout(END_SESSIONS_SECONDS):
                 conn = await asyncpg.connect(self.settings.database_url)
@@ -219,6 +225,7 @@ class ProcessRunner:
                     while left := await conn.fetchval(_TERMINATE_SESSIONS, name):
                         ended = max(ended, left)
                         await asyncio.sleep(0.02)
+                    closed = await runs.close_interrupted_runs(conn)
                 finally:
                     await conn.close()
         except Exception as exc:  # the database is away: its sessions are gone or go with it
@@ -226,6 +233,8 @@ class ProcessRunner:
             return
         if ended:
             log.warning("run_sessions_ended", application_name=name, sessions=ended)
+        for run_id in closed:
+            log.warning("run_interrupted_closed", closed_run_id=str(run_id))
 
 
 # Signalled sessions stay listed until they exit: counted again until none is left.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from persistence import runs
 from pipelines.config import load_sources
 from pipelines.errors import DatabaseUnavailableError
 from pipelines.priority import _autogroups_on, autogroup_nice
-from pipelines.process import ProcessRunner
+from pipelines.process import ChildCrashError, ProcessRunner
 from tests.helpers import (
     count,
     csv_entry,
@@ -227,11 +228,18 @@ async def test_cancelling_a_run_kills_its_child_and_frees_the_run(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    # The child is gone, so its advisory lock is: the run can be closed at once.
+    # The child is gone, and its sessions with it: the run was closed at once.
+    assert await _interrupted_runs(pool) == 1
     async with pool.acquire() as conn:
-        closed = await runs.close_interrupted_runs(conn)
-    assert len(closed) == 1
+        assert await runs.close_interrupted_runs(conn) == []
     assert _samples(runner.metrics)[("etl_run_in_progress", ())] == 0
+
+
+async def _interrupted_runs(pool: asyncpg.Pool[Any]) -> int:
+    """Runs closed as interrupted; a run still ``running`` fails the count."""
+    rows = await pool.fetch("SELECT status, error FROM etl_runs")
+    assert all(row["status"] != "running" for row in rows)
+    return sum((row["status"], row["error"]) == ("failed", "interrupted") for row in rows)
 
 
 async def test_a_database_that_cannot_be_reached_is_one_expected_error(
@@ -286,5 +294,26 @@ async def test_a_killed_childs_sessions_end_with_it_so_nothing_it_sent_commits_l
         await blocker.close()
     await asyncio.sleep(0.5)
     assert await count(pool, "raw_csv_data") == stored
-    async with pool.acquire() as conn:
-        assert len(await runs.close_interrupted_runs(conn)) == 1
+    assert await _interrupted_runs(pool) == 1
+
+
+async def test_a_child_killed_from_outside_has_its_run_closed_at_once(
+    tmp_path: Path, database_url: str, pool: asyncpg.Pool[Any]
+) -> None:
+    # The out-of-memory killer, say: the service learns it from the exit status
+    # and closes the run then, not at the next run or start.
+    runner = _runner(tmp_path, database_url, csv_rows(300_000))
+    task = asyncio.create_task(runner.run("schedule"))
+    await wait_for(lambda: _stored_any(pool), within=30)
+    assert runner.pid is not None
+    os.kill(runner.pid, signal.SIGKILL)
+    with pytest.raises(ChildCrashError, match="exited with -9"):
+        await asyncio.wait_for(task, timeout=30)
+
+    assert await pool.fetchval(_RUN_SESSIONS) == 0
+    run = await pool.fetchrow("SELECT status, error, finished_at FROM etl_runs")
+    assert (run["status"], run["error"]) == ("failed", "interrupted")
+    assert run["finished_at"] is not None
+    source = await pool.fetchrow("SELECT status, error, raw_inserted FROM etl_run_sources")
+    assert (source["status"], source["error"]) == ("failed", "interrupted")
+    assert source["raw_inserted"] == await count(pool, "raw_csv_data") > 0
