@@ -226,5 +226,11 @@ CREATE TRIGGER unified_a_version_truncate AFTER TRUNCATE ON unified_data FOR EAC
 
 UPDATE alembic_version SET version_num='0003' WHERE alembic_version.version_num = '0002';
 
+-- Running upgrade 0003 -> 0004
+
+ALTER TABLE unified_data ALTER COLUMN name TYPE text COLLATE "C";
+
+UPDATE alembic_version SET version_num='0004' WHERE alembic_version.version_num = '0003';
+
 COMMIT;
 

@@ -81,7 +81,8 @@ class UnifiedData(Base):
 
     __tablename__ = "unified_data"
 
-    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    # Collation "C": a key compared byte for byte (migration 0004).
+    name: Mapped[str] = mapped_column(Text(collation="C"), primary_key=True)
     value: Mapped[float] = mapped_column(Double)
     source: Mapped[str] = mapped_column(Text)
     observed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -574,6 +574,28 @@ async def test_following_next_cursor_visits_every_row_once(
     assert pages == -(-len(names) // 37)
 
 
+async def test_names_are_in_code_point_order_whatever_the_servers_locale(
+    client: Client, pool: asyncpg.Pool[Any]
+) -> None:
+    # Under a linguistic collation (en_US.UTF-8, say) spaces and punctuation
+    # weigh less than letters and "é" sorts beside "e"; names are keys, compared
+    # byte for byte (collation "C"), so every server gives the same pages.
+    names = ["ab", "a b", "a-c", "éclair", "eclair", "f", "zz", "ω", "10", "9", "_x"]
+    await add_unified(pool, [(n, 1.0, "api", T0) for n in names])
+    query, seen = "/data?limit=4", []
+    while query:
+        body = (await client.get(query, headers=AUTH)).json()
+        seen += [item["name"] for item in body["data"]]
+        cursor = body["pagination"]["next_cursor"]
+        query = f"/data?limit=4&cursor={cursor}" if cursor else ""
+    assert seen == sorted(names)
+    collation = await pool.fetchval(
+        "SELECT collation_name FROM information_schema.columns"
+        " WHERE table_name = 'unified_data' AND column_name = 'name'"
+    )
+    assert collation == "C"
+
+
 async def test_next_cursor_is_null_exactly_on_the_last_page(
     client: Client, pool: asyncpg.Pool[Any]
 ) -> None:
