@@ -59,6 +59,16 @@ def _runner(tmp_path: Path, database_url: str, rows: list[tuple[str, str, str]])
     return ProcessRunner(settings, load_sources(settings), Metrics())
 
 
+async def _committing(
+    tmp_path: Path, database_url: str, pool: asyncpg.Pool[Any], trigger: str
+) -> tuple[ProcessRunner, asyncio.Task[dict[str, Any]]]:
+    """A run of 300,000 CSV rows in a child, once its first batch has committed."""
+    runner = _runner(tmp_path, database_url, csv_rows(300_000))
+    task = asyncio.create_task(runner.run(trigger))
+    await wait_for(lambda: _stored_any(pool), within=30)
+    return runner, task
+
+
 async def test_a_run_in_a_child_returns_its_run_object_and_counts_its_metrics(
     tmp_path: Path, database_url: str, pool: asyncpg.Pool[Any]
 ) -> None:
@@ -95,9 +105,7 @@ async def test_a_run_in_a_child_returns_its_run_object_and_counts_its_metrics(
 async def test_a_stop_mid_run_commits_the_batch_in_flight_and_closes_the_run(
     tmp_path: Path, database_url: str, pool: asyncpg.Pool[Any]
 ) -> None:
-    runner = _runner(tmp_path, database_url, csv_rows(300_000))
-    task = asyncio.create_task(runner.run("startup"))
-    await wait_for(lambda: _stored_any(pool), within=30)
+    runner, task = await _committing(tmp_path, database_url, pool, "startup")
     runner.request_stop()
     run = await asyncio.wait_for(task, timeout=10)
 
@@ -222,9 +230,7 @@ async def test_a_stop_asked_while_the_child_starts_is_not_lost(
 async def test_cancelling_a_run_kills_its_child_and_frees_the_run(
     tmp_path: Path, database_url: str, pool: asyncpg.Pool[Any]
 ) -> None:
-    runner = _runner(tmp_path, database_url, csv_rows(300_000))
-    task = asyncio.create_task(runner.run("startup"))
-    await wait_for(lambda: _stored_any(pool), within=30)
+    runner, task = await _committing(tmp_path, database_url, pool, "startup")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -269,9 +275,7 @@ async def test_a_killed_childs_sessions_end_with_it_so_nothing_it_sent_commits_l
     # A backend learns that its client is gone only when it next reads from it:
     # one waiting for a lock when the child is killed would otherwise write its
     # batch as soon as the lock is free, and hold the run's lock until then.
-    runner = _runner(tmp_path, database_url, csv_rows(300_000))
-    task = asyncio.create_task(runner.run("startup"))
-    await wait_for(lambda: _stored_any(pool), within=30)
+    _, task = await _committing(tmp_path, database_url, pool, "startup")
     blocker = await asyncpg.connect(database_url)
     try:
         locked = blocker.transaction()
@@ -302,9 +306,7 @@ async def test_a_child_killed_from_outside_has_its_run_closed_at_once(
 ) -> None:
     # The out-of-memory killer, say: the service learns it from the exit status
     # and closes the run then, not at the next run or start.
-    runner = _runner(tmp_path, database_url, csv_rows(300_000))
-    task = asyncio.create_task(runner.run("schedule"))
-    await wait_for(lambda: _stored_any(pool), within=30)
+    runner, task = await _committing(tmp_path, database_url, pool, "schedule")
     assert runner.pid is not None
     os.kill(runner.pid, signal.SIGKILL)
     with pytest.raises(ChildCrashError, match="exited with -9"):
