@@ -9,6 +9,7 @@ import asyncpg
 
 from pipelines.config import load_sources
 from pipelines.reprocess import reprocess
+from pipelines.settings import Settings
 from tests.helpers import (
     coin,
     csv_entry,
@@ -28,15 +29,29 @@ def without_updated_at(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if k != "updated_at"} for row in rows]
 
 
-async def test_reprocess_follows_a_rename_that_ingestion_followed(
-    pool: asyncpg.Pool[Any], tmp_path: Path
-) -> None:
+def _settings(tmp_path: Path, path: Path, policy: str) -> Settings:
+    """The ``json`` source at ``path`` under ``policy``, and four CSV coins."""
+    entry = json_entry(path) + f'drift_policy = "{policy}"\n'
+    return make_settings(write_sources(tmp_path, entry, csv_entry("prices.csv")))
+
+
+async def _first_load(
+    pool: asyncpg.Pool[Any], tmp_path: Path, policy: str
+) -> tuple[Path, list[dict[str, Any]], Settings]:
+    """Three JSON coins and four CSV coins, loaded once."""
     path = tmp_path / "coins.json"
     old = [coin(f"Coin {i}", 1.0 + i, f"2026-01-01T00:00:0{i}Z") for i in range(3)]
     write_json_array(path, old)
     write_csv(tmp_path / "prices.csv", csv_rows(4, prefix="csv coin"))
-    settings = make_settings(write_sources(tmp_path, json_entry(path), csv_entry("prices.csv")))
+    settings = _settings(tmp_path, path, policy)
     await run_etl(pool, settings)
+    return path, old, settings
+
+
+async def test_reprocess_follows_a_rename_that_ingestion_followed(
+    pool: asyncpg.Pool[Any], tmp_path: Path
+) -> None:
+    path, old, settings = await _first_load(pool, tmp_path, "evolve")
 
     # The upstream renames its price field; evolve follows the rename.
     renamed = []
@@ -62,13 +77,7 @@ async def test_reprocess_follows_a_rename_that_ingestion_followed(
 async def test_reprocess_leaves_out_what_a_frozen_schema_kept_out(
     pool: asyncpg.Pool[Any], tmp_path: Path
 ) -> None:
-    path = tmp_path / "coins.json"
-    old = [coin(f"Coin {i}", 1.0 + i, f"2026-01-01T00:00:0{i}Z") for i in range(3)]
-    write_json_array(path, old)
-    write_csv(tmp_path / "prices.csv", csv_rows(4, prefix="csv coin"))
-    entry = json_entry(path) + 'drift_policy = "freeze"\n'
-    settings = make_settings(write_sources(tmp_path, entry, csv_entry("prices.csv")))
-    await run_etl(pool, settings)
+    path, old, settings = await _first_load(pool, tmp_path, "freeze")
 
     # Newer prices arrive with a field the frozen schema does not know: the
     # source fails, raw keeps the records and the unified table keeps the old prices.
@@ -91,8 +100,7 @@ async def test_reprocess_leaves_out_what_a_frozen_schema_kept_out(
     assert without_updated_at(await unified_rows(pool)) == without_updated_at(before)
 
     # Once the source follows drift, a reprocess brings the waiting records in.
-    evolving = json_entry(path) + 'drift_policy = "evolve"\n'
-    settings = make_settings(write_sources(tmp_path, evolving, csv_entry("prices.csv")))
+    settings = _settings(tmp_path, path, "evolve")
     assert await reprocess(pool, load_sources(settings)) == {"json": 6, "csv": 4}
     rows = await unified_rows(pool)
     assert sorted(row["value"] for row in rows if row["source"] == "json") == [100.0, 101.0, 102.0]
