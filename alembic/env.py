@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from logging.config import fileConfig
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from alembic import context
 from persistence.database import MIGRATION_LOCK_KEY
@@ -46,8 +48,21 @@ def _run_sync(connection: Connection) -> None:
         context.run_migrations()
 
 
+def _connect_args() -> dict[str, object]:
+    size = int(config.attributes.get("statement_cache_size", 100))
+    if size > 0:
+        return {"statement_cache_size": size}
+    # Behind a transaction pooler: no statement outlives its transaction, and the
+    # ones SQLAlchemy prepares get names no other client's can collide with.
+    return {
+        "statement_cache_size": 0,
+        "prepared_statement_cache_size": 0,
+        "prepared_statement_name_func": lambda: f"__kasparro_{uuid.uuid4().hex}__",
+    }
+
+
 async def run_migrations_online() -> None:
-    engine = create_async_engine(_url())
+    engine = create_async_engine(_url(), poolclass=NullPool, connect_args=_connect_args())
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run_sync)

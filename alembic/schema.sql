@@ -246,6 +246,29 @@ UPDATE alembic_version SET version_num='0007' WHERE alembic_version.version_num 
 
 -- Running upgrade 0007 -> 0008
 
+CREATE TABLE etl_leases (
+    source TEXT NOT NULL, 
+    run_id UUID NOT NULL, 
+    owner TEXT NOT NULL, 
+    acquired_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+    renewed_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+    expires_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    CONSTRAINT pk_etl_leases PRIMARY KEY (source), 
+    CONSTRAINT fk_etl_leases_run_id_etl_runs FOREIGN KEY(run_id) REFERENCES etl_runs (id) ON DELETE CASCADE
+);
+
+CREATE INDEX ix_etl_leases_run_id ON etl_leases (run_id);
+
+CREATE INDEX ix_etl_run_sources_running ON etl_run_sources (run_id) WHERE status = 'running';
+
+CREATE FUNCTION etl_run_sources_closed_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'run % no longer holds source %', OLD.run_id, OLD.source
+        USING ERRCODE = 'object_not_in_prerequisite_state';
+END $$;
+
+CREATE TRIGGER etl_run_sources_closed BEFORE UPDATE ON etl_run_sources FOR EACH ROW WHEN (OLD.status <> 'running') EXECUTE FUNCTION etl_run_sources_closed_guard();
+
 UPDATE alembic_version SET version_num='0008' WHERE alembic_version.version_num = '0007';
 
 COMMIT;

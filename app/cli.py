@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,19 +17,31 @@ from persistence.batches import BatchCounts, reset_checkpoint
 from persistence.database import create_pool, resolve_database_url, run_migrations
 from pipelines.config import load_sources, select_sources
 from pipelines.errors import ConfigError
-from pipelines.priority import lower_priority
 from pipelines.settings import Settings, load_settings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
-_RUN_EXIT = {"success": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED}
+_RUN_EXIT = {"success": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_FAILED, "skipped": EXIT_OK}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # usage errors exit 2 with one line
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _trigger(text: str) -> str:
+    if not text or len(text) > 40 or not text.replace("-", "").replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError("expected a short word (letters, digits, - and _)")
+    return text
+
+
+def _run_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this source (repeatable)",
     )
     run.add_argument("--json", action="store_true", help="print the run object as one JSON line")
+    run.add_argument(
+        "--trigger",
+        default="cli",
+        type=_trigger,
+        help="what started the run, as /runs shows it (default cli)",
+    )
+    run.add_argument(
+        "--run-id",
+        type=_run_id,
+        metavar="UUID",
+        help="the id the run is recorded under (default: a new one)",
+    )
     reset = etl_commands.add_parser("reset", help="forget a source's checkpoint")
     reset.add_argument("--source", required=True, metavar="NAME")
     etl_commands.add_parser("reprocess", help="rebuild unified_data from the raw tables")
@@ -76,7 +102,15 @@ def _progress_printer(enabled: bool) -> Any:
     return show
 
 
-def _print_summary(run: dict[str, Any]) -> None:
+def _print_skipped(result: dict[str, Any]) -> None:
+    busy = ", ".join(
+        f"{name} (held by run {s['held_by'] or 'that has just ended'})"
+        for name, s in result["sources"].items()
+    )
+    print(f"skipped: every source is being ingested by another run: {busy}")
+
+
+def _print_summary(run: dict[str, Any], busy: Sequence[str]) -> None:
     print(f"run {run['id']}: {run['status']} in {run['duration_seconds']:.2f}s")
     for name, s in run["sources"].items():
         line = (
@@ -89,37 +123,56 @@ def _print_summary(run: dict[str, Any]) -> None:
         print(line)
         for event in s.get("drift") or []:
             print(f"    drift {event.get('kind')}: {event.get('detail')}")
+    for name in busy:
+        print(f"  {name:<12} skipped: another run is ingesting it")
 
 
-async def _etl_run(settings: Settings, names: Sequence[str], as_json: bool) -> int:
-    from pipelines.runner import Runner
+def _pool(settings: Settings, url: str, size: int) -> Any:
+    return create_pool(
+        url, max_size=size, statement_cache_size=settings.database_statement_cache_size
+    )
 
-    sources = select_sources(load_sources(settings), list(names))
+
+def _migrate(settings: Settings, url: str) -> None:
+    run_migrations(url, statement_cache_size=settings.database_statement_cache_size)
+
+
+async def _etl_run(args: argparse.Namespace, settings: Settings) -> int:
+    from pipelines.runner import SKIPPED, Runner
+
+    names: list[str] = args.source
+    sources = select_sources(load_sources(settings), names)
     url = resolve_database_url(settings)
-    lower_priority(settings.etl_nice)
-    await asyncio.to_thread(run_migrations, url)
-    pool = await create_pool(url, max_size=4, backend_nice=settings.etl_nice)
+    await asyncio.to_thread(_migrate, settings, url)
+    pool = await _pool(settings, url, settings.database_run_pool_size)
+    interactive = not args.json and sys.stdout.isatty() and sys.stderr.isatty()
+    runner = Runner(pool, settings, sources, None, progress=_progress_printer(interactive))
+    loop = asyncio.get_running_loop()
+    # SIGTERM (a scheduler, the service that started this run) stops the run
+    # gracefully: the batch in flight commits and the run is closed.
+    loop.add_signal_handler(signal.SIGTERM, runner.request_stop)
     try:
-        interactive = not as_json and sys.stdout.isatty() and sys.stderr.isatty()
-        # No metrics: nothing would serve them (the service counts its own runs).
-        runner = Runner(pool, settings, sources, None, progress=_progress_printer(interactive))
-        run = await runner.run("cli", names or None)
+        run = await runner.run(args.trigger, names or None, run_id=args.run_id)
     finally:
+        loop.remove_signal_handler(signal.SIGTERM)
         await pool.close()
     if interactive:
         sys.stderr.write("\n")
-    if as_json:
+    if args.json:
         sys.stdout.write(msgspec.json.encode(run).decode() + "\n")
+    elif run["status"] == SKIPPED:
+        _print_skipped(run)
     else:
-        _print_summary(run)
+        busy = [s.name for s in sources if s.name not in run["sources"]]
+        _print_summary(run, busy)
     return _RUN_EXIT.get(run["status"], EXIT_FAILED)
 
 
 async def _etl_reset(settings: Settings, name: str) -> int:
     select_sources(load_sources(settings), [name])
     url = resolve_database_url(settings)
-    await asyncio.to_thread(run_migrations, url)
-    pool = await create_pool(url, max_size=2)
+    await asyncio.to_thread(_migrate, settings, url)
+    pool = await _pool(settings, url, 2)
     try:
         existed = await reset_checkpoint(pool, name)
     finally:
@@ -136,9 +189,8 @@ async def _etl_reprocess(settings: Settings) -> int:
 
     sources = load_sources(settings)
     url = resolve_database_url(settings)
-    lower_priority(settings.etl_nice)
-    await asyncio.to_thread(run_migrations, url)
-    pool = await create_pool(url, max_size=2, backend_nice=settings.etl_nice)
+    await asyncio.to_thread(_migrate, settings, url)
+    pool = await _pool(settings, url, settings.database_run_pool_size)
     interactive = sys.stdout.isatty() and sys.stderr.isatty()
 
     def show(source: str, total: int) -> None:
@@ -170,11 +222,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         if args.db_command == "url":
             print(url)
             return EXIT_OK
-        run_migrations(url)
+        _migrate(settings, url)
         print("database is at the latest migration")
         return EXIT_OK
     if args.etl_command == "run":
-        return asyncio.run(_etl_run(settings, args.source, args.json))
+        return asyncio.run(_etl_run(args, settings))
     if args.etl_command == "reset":
         return asyncio.run(_etl_reset(settings, args.source))
     return asyncio.run(_etl_reprocess(settings))

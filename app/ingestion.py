@@ -16,6 +16,7 @@ import structlog
 
 from observability.metrics import Metrics
 from pipelines.errors import KasparroError
+from pipelines.runner import SKIPPED
 
 log = structlog.get_logger("kasparro.loop")
 
@@ -26,7 +27,9 @@ DEFAULT_STOP_TIMEOUT = 6.0
 class RunnerLike(Protocol):
     """What the loop needs of :class:`pipelines.runner.Runner`."""
 
-    async def run(self, trigger: str, names: Sequence[str] | None = None) -> dict[str, Any]: ...
+    async def run(self, trigger: str, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """The run object, or ``{"status": "skipped", ...}`` when nothing ran."""
+        ...
 
     def request_stop(self) -> None: ...
 
@@ -43,7 +46,8 @@ class IngestionLoop:
             ``crashed`` (the last attempt raised; kept until a run completes) or
             ``stopping``.
         last_error: one line about the last crash, ``None`` after a completed run.
-        last_status: status of the last run this loop completed.
+        last_status: status of the last run this loop completed (a skipped
+            attempt, which took no source, is no run and changes nothing).
     """
 
     def __init__(
@@ -123,11 +127,17 @@ class IngestionLoop:
         # begins, so a stop requested before that moment must be honoured here.
         if self._stopping.is_set():
             return
+        previous = self.state
         self.state = "running"
         try:
             run = await self.runner.run(trigger)
         except Exception as exc:
             self._crashed(exc)
+            return
+        if run.get("status") == SKIPPED:
+            log.info("etl_attempt_skipped", trigger=trigger, busy=sorted(run.get("sources") or {}))
+            if not self._stopping.is_set():
+                self.state = "crashed" if previous == "crashed" else "scheduled"
             return
         self.last_status = str(run.get("status"))
         self.last_error = None

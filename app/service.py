@@ -23,11 +23,11 @@ import structlog
 
 from app.ingestion import DEFAULT_STOP_TIMEOUT, IngestionLoop, RunnerLike
 from app.page_cache import PageCache
+from app.subprocess_runner import SubprocessRunner
 from observability.metrics import Metrics
-from persistence import reads, runs
+from persistence import reads
 from persistence.database import create_pool, resolve_database_url
 from pipelines.config import SourceConfig
-from pipelines.process import ProcessRunner
 from pipelines.runner import Runner
 from pipelines.settings import Settings
 
@@ -36,6 +36,9 @@ log = structlog.get_logger("kasparro.service")
 HEALTH_TIMEOUT_SECONDS = 1.0
 """The database check of ``/health`` gives up after this long."""
 POOL_CLOSE_TIMEOUT_SECONDS = 5.0
+PRIMARY_POOL_SIZE = 2
+"""Connections of the service's primary pool: the health check, and releasing the
+run of a child that had to be killed."""
 
 
 def package_version() -> str:
@@ -132,11 +135,6 @@ class Service:
     async def __aenter__(self) -> Service:
         try:
             await self._open_pools()
-            # Runs left `running` by a crashed process are closed at start, even
-            # when no run is due soon (ETL_ON_STARTUP=false).
-            async with self.pool.acquire() as conn:
-                for run_id in await runs.close_interrupted_runs(conn):
-                    log.warning("run_interrupted_closed", closed_run_id=str(run_id))
             runner = self._given_runner or self._default_runner()
             self._loop = IngestionLoop(
                 runner,
@@ -165,8 +163,6 @@ class Service:
     ) -> None:
         interrupted = await self._loop.stop() if self._loop is not None else False
         await self._close_pools()
-        if interrupted and self._url is not None:
-            await self._close_interrupted(self._url)
         log.info("service_stopped", run_interrupted=interrupted)
 
     def _default_runner(self) -> RunnerLike:
@@ -174,11 +170,12 @@ class Service:
             # A pool handed in (tests, embedding): runs stay in this process.
             return Runner(self.pool, self.settings, self.sources, self.metrics)
         # Runs go to a child process so that parsing never competes with requests
-        # for this interpreter (pipelines/process.py).
+        # for this interpreter (app/subprocess_runner.py).
         settings = dataclasses.replace(self.settings, database_url=self._url)
-        return ProcessRunner(settings, self.sources, self.metrics)
+        return SubprocessRunner(settings, self.pool, self.metrics)
 
     async def _open_pools(self) -> None:
+        cache_size = self.settings.database_statement_cache_size
         if self._given_pool is not None:
             self._pool = self._given_pool
         else:
@@ -187,15 +184,21 @@ class Service:
                 # Starting the embedded server blocks; keep the event loop free.
                 url = await asyncio.to_thread(resolve_database_url, self.settings)
             self._url = url
-            self._pool = await create_pool(url)
+            # The health check and the release of a killed run's child; runs
+            # have a pool of their own (DATABASE_RUN_POOL_SIZE), in the child.
+            self._pool = await create_pool(
+                url, max_size=PRIMARY_POOL_SIZE, statement_cache_size=cache_size
+            )
             self._owned.append(self._pool)
-        if self.settings.database_read_url:
-            self._read_pool = await create_pool(self.settings.database_read_url, read_only=True)
-            self._owned.append(self._read_pool)
-        elif self._url is not None:
-            # A pool of its own, so a burst of reads never starves ingestion and
-            # a long run never starves the API.
-            self._read_pool = await create_pool(self._url, read_only=True)
+        read_url = self.settings.database_read_url or self._url
+        if read_url is not None:
+            # A pool of its own, so a burst of reads never starves the health
+            # check and the runs' bookkeeping.
+            self._read_pool = await create_pool(
+                read_url,
+                max_size=self.settings.database_pool_size,
+                statement_cache_size=cache_size,
+            )
             self._owned.append(self._read_pool)
         else:
             self._read_pool = self._pool
@@ -209,21 +212,6 @@ class Service:
                 log.warning("pool_close_forced", error=str(exc) or type(exc).__name__)
                 pool.terminate()
         self._owned.clear()
-
-    async def _close_interrupted(self, url: str) -> None:
-        # The run was cancelled: its connections (and advisory locks) are gone with
-        # the pool, so it can be marked interrupted now instead of at the next start.
-        try:
-            async with asyncio.timeout(3.0):
-                conn = await asyncpg.connect(url)
-                try:
-                    closed = await runs.close_interrupted_runs(conn)
-                finally:
-                    await conn.close()
-            for run_id in closed:
-                log.warning("run_interrupted_closed", closed_run_id=str(run_id))
-        except Exception as exc:
-            log.warning("run_close_failed", error=str(exc) or type(exc).__name__)
 
     async def check_database(self) -> DatabaseCheck:
         """One bounded round trip on the primary pool.

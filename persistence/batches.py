@@ -338,18 +338,40 @@ def _raw_unique_constraint(table: str) -> str:
     return f"uq_{table}_source_content_hash"
 
 
+#: Planner settings of the batch statement, for its transaction only (no session
+#: state: behind a transaction pooler the session is not ours).
+#: - The statement joins arrays whose size only the actual parameters tell; a
+#:   cached generic plan guesses a few rows and picks nested loops that grow with
+#:   the square of the batch.
+#: - Its sorts and joins stay in memory (the default 4 MB spills to disk).
+#: - It joins a batch's rows with the raw ids they were stored under, on 16-byte
+#:   hashes: hashing both sides beats sorting both.
+BATCH_SETTINGS = (
+    "SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL work_mem = '64MB'; "
+    "SET LOCAL enable_mergejoin = off"
+)
+
+
+async def _write_batch_tuned(
+    conn: Conn, table: str, cols: BatchColumns, **kwargs: Any
+) -> tuple[int, int, int]:
+    async with conn.transaction():
+        await conn.execute(BATCH_SETTINGS)
+        return await write_batch(conn, table, cols, **kwargs)
+
+
 async def write_batch_adaptive(
     conn: Conn, table: str, cols: BatchColumns, mode: InsertMode, **kwargs: Any
 ) -> tuple[int, int, int]:
     """:func:`write_batch`, optimistic while records keep being new."""
     if mode.careful == 0:
         try:
-            return await write_batch(conn, table, cols, optimistic=True, **kwargs)
+            return await _write_batch_tuned(conn, table, cols, optimistic=True, **kwargs)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != _raw_unique_constraint(table):
                 raise
         mode.careful = SAFE_BATCHES_AFTER_DUPLICATE
-    result = await write_batch(conn, table, cols, optimistic=False, **kwargs)
+    result = await _write_batch_tuned(conn, table, cols, optimistic=False, **kwargs)
     if result[0] < len(cols.content_hash):
         mode.careful = SAFE_BATCHES_AFTER_DUPLICATE
     else:

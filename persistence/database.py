@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
 from pipelines.errors import ConfigError
-from pipelines.priority import lower_helper_priority
 from pipelines.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -118,8 +116,9 @@ def head_revision(root: Path | None = None) -> str | None:
 
 
 MIGRATION_LOCK_KEY = 0x6B61737061727230
-"""Advisory lock held by whoever migrates: replicas starting together on an empty
-database migrate one at a time; the others wait, then find nothing left to do."""
+"""Advisory lock held by whoever migrates, for its transaction only (so it holds
+behind a transaction pooler too): replicas starting together on an empty database
+migrate one at a time; the others wait, then find nothing left to do."""
 
 SCHEMA_FILE = "schema.sql"
 """Every migration up to the newest as one SQL script, in the ``alembic`` folder
@@ -132,7 +131,9 @@ _SCHEMA_REVISION = re.compile(
 )
 
 
-def _alembic_config(root: Path, url: str, output_buffer: Any = None) -> Any:
+def _alembic_config(
+    root: Path, url: str, output_buffer: Any = None, statement_cache_size: int = 100
+) -> Any:
     from alembic.config import Config
 
     config = Config(str(root / "alembic.ini"), output_buffer=output_buffer)
@@ -140,14 +141,20 @@ def _alembic_config(root: Path, url: str, output_buffer: Any = None) -> Any:
     # Percent signs in passwords would otherwise be read as interpolation.
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     config.attributes["configure_logger"] = False
+    config.attributes["statement_cache_size"] = statement_cache_size
     return config
 
 
-def alembic_upgrade(url: str, revision: str = "head", root: Path | None = None) -> None:
+def alembic_upgrade(
+    url: str, revision: str = "head", root: Path | None = None, *, statement_cache_size: int = 100
+) -> None:
     """Alembic's own upgrade of ``url`` to ``revision`` (loads Alembic and SQLAlchemy)."""
     from alembic import command
 
-    command.upgrade(_alembic_config(root or _migrations_root(), url), revision)
+    config = _alembic_config(
+        root or _migrations_root(), url, statement_cache_size=statement_cache_size
+    )
+    command.upgrade(config, revision)
 
 
 def render_schema(root: Path | None = None) -> str:
@@ -188,11 +195,13 @@ async def _revision(conn: asyncpg.Connection[Any]) -> str | None:
     return current
 
 
-async def _migrate_without_alembic(url: str, root: Path, head: str | None) -> bool:
+async def _migrate_without_alembic(
+    url: str, root: Path, head: str | None, statement_cache_size: int
+) -> bool:
     """Bring the database to ``head`` where no Alembic is needed: it is there
     already (one query), or it is empty (the rendered schema, one transaction,
     under the migration lock). ``False``: Alembic has work to do."""
-    conn = await asyncpg.connect(url, timeout=10)
+    conn = await asyncpg.connect(url, timeout=10, statement_cache_size=statement_cache_size)
     try:
         current = await _revision(conn)
         if head is not None and current == head:
@@ -218,7 +227,7 @@ async def _migrate_without_alembic(url: str, root: Path, head: str | None) -> bo
         await conn.close()
 
 
-def run_migrations(url: str) -> None:
+def run_migrations(url: str, *, statement_cache_size: int = 100) -> None:
     """Apply every Alembic migration (synchronous: call it outside a running loop).
 
     A database at the newest migration already is recognised with one query, and
@@ -227,9 +236,9 @@ def run_migrations(url: str) -> None:
     first load); a database at an older migration is upgraded by Alembic.
     """
     root = _migrations_root()
-    if asyncio.run(_migrate_without_alembic(url, root, head_revision(root))):
+    if asyncio.run(_migrate_without_alembic(url, root, head_revision(root), statement_cache_size)):
         return
-    alembic_upgrade(url, "head", root)
+    alembic_upgrade(url, "head", root, statement_cache_size=statement_cache_size)
 
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
@@ -237,41 +246,17 @@ async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
     await conn.set_type_codec("jsonb", encoder=str, decoder=str, schema="pg_catalog")
 
 
-_LOCAL_HOSTS = frozenset({"", "localhost", "127.0.0.1", "::1"})
-
-
-def _server_is_local(url: str) -> bool:
-    """Whether ``url`` names a server on this host (loopback or a Unix socket)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    socket_dir = dict(parse_qsl(parts.query)).get("host", "")
-    return host in _LOCAL_HOSTS and (not socket_dir or socket_dir.startswith("/"))
-
-
-def lower_backend_priority(pid: int, niceness: int) -> bool:
-    """Raise the nice value of this host's PostgreSQL backend ``pid`` (and of the
-    autogroup its session forms) to ``niceness``; see :mod:`pipelines.priority`.
-
-    Only a process that is a PostgreSQL backend (by its name) and that this user
-    may renice is touched; returns whether its nice value is now at least
-    ``niceness``.
-    """
-    try:
-        if not Path(f"/proc/{pid}/comm").read_text().startswith("postgres"):
-            return False
-    except OSError:  # no /proc
-        return False
-    return lower_helper_priority(pid, niceness)
-
-
-async def _init_run_connection(niceness: int, conn: asyncpg.Connection[Any]) -> None:
-    await _init_connection(conn)
-    await asyncio.to_thread(lower_backend_priority, conn.get_server_pid(), niceness)
-
-
 async def _end_open_transaction(conn: asyncpg.Connection[Any]) -> None:
+    # Nothing here leaves session state (settings are SET LOCAL, locks are
+    # transaction-scoped), and behind a transaction pooler asyncpg's full reset
+    # would land on a server connection another client uses next.
     if conn.is_in_transaction():
         await conn.execute("ROLLBACK")
+
+
+IDLE_CONNECTION_SECONDS = 30.0
+"""An idle pooled connection is closed after this long: behind a pooler in session
+mode an idle client connection holds a server connection."""
 
 
 async def create_pool(
@@ -279,49 +264,33 @@ async def create_pool(
     *,
     min_size: int = 1,
     max_size: int = 10,
+    statement_cache_size: int = 100,
     connect_timeout: float = 10.0,
-    read_only: bool = False,
-    backend_nice: int = 0,
     application_name: str = "kasparro",
 ) -> asyncpg.Pool[Any]:
     """An asyncpg pool; ``jsonb`` values are exchanged as JSON text.
 
+    It works behind PgBouncer in session and in transaction mode: the only
+    startup parameter is ``application_name`` (PgBouncer refuses others unless
+    told to ignore them), statements need no session state, and a released
+    connection only rolls back what it left open.
+
     Args:
-        read_only: the pool only runs single read queries, which leave no session
-            state (no locks, settings or cursors) behind; a released connection
-            then skips asyncpg's full reset, a round trip per request.
-        backend_nice: for a server on this host, the nice value each connection's
-            backend process is given where this user may (see ``ETL_NICE``): a
-            run's statements then give way to the service's on a busy machine.
+        statement_cache_size: prepared statements asyncpg keeps per connection;
+            0 behind a transaction pooler, where the next transaction may run
+            on a server connection that has never seen them.
         application_name: how the sessions appear in ``pg_stat_activity``.
     """
-    # /data renders floats in SQL (on whichever pool serves reads): any positive
-    # value prints the shortest text that reads back as the same double, whatever
-    # the server's default (0 would round to 15 digits).
-    settings = {"application_name": application_name, "extra_float_digits": "1"}
-    if not read_only:
-        # The batch statement joins arrays whose size only the actual parameters
-        # tell; a cached generic plan guesses a few rows and picks nested loops
-        # that grow with the square of the batch. Planning per batch is cheap.
-        settings["plan_cache_mode"] = "force_custom_plan"
-        # A batch's sorts and joins stay in memory (the default 4 MB spills to disk).
-        settings["work_mem"] = "64MB"
-        # It joins a batch's rows with the raw ids they were stored under, on
-        # 16-byte hashes: hashing both sides beats sorting both (measured with
-        # `etl run` on 1M CSV rows: 8% less time executing statements).
-        settings["enable_mergejoin"] = "off"
     pool = await asyncpg.create_pool(
         url,
-        min_size=min_size,
+        min_size=min(min_size, max_size),
         max_size=max_size,
         timeout=connect_timeout,
         command_timeout=None,
-        init=(
-            functools.partial(_init_run_connection, backend_nice)
-            if backend_nice > 0 and _server_is_local(url)
-            else _init_connection
-        ),
-        reset=_end_open_transaction if read_only else None,
-        server_settings=settings,
+        statement_cache_size=statement_cache_size,
+        max_inactive_connection_lifetime=IDLE_CONNECTION_SECONDS,
+        init=_init_connection,
+        reset=_end_open_transaction,
+        server_settings={"application_name": application_name},
     )
     return pool

@@ -167,7 +167,33 @@ class EtlRunSource(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index(None, "source", "finished_at"),)
+    __table_args__ = (
+        Index(None, "source", "finished_at"),
+        Index("ix_etl_run_sources_running", "run_id", postgresql_where=text("status = 'running'")),
+    )
+
+
+class EtlLease(Base):
+    """The run that ingests a source now, while it keeps renewing ``expires_at``.
+
+    A row whose expiry has passed belongs to a process that is gone (migration 0008).
+    """
+
+    __tablename__ = "etl_leases"
+
+    source: Mapped[str] = mapped_column(Text, primary_key=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("etl_runs.id", ondelete="CASCADE"), index=True
+    )
+    owner: Mapped[str] = mapped_column(Text)
+    """``host:pid`` of the process that runs it, for operators."""
+    acquired_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )
+    renewed_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class EtlRejection(Base):

@@ -81,13 +81,20 @@ def _timestamp_json(column: str) -> str:
 #: PostgreSQL's shortest exact form (``1e+16`` for msgspec's ``1e16``: the same
 #: double; an integral value gets ``.0`` either way, so it still reads as a float).
 #: ``float8`` prints its shortest exact text when ``extra_float_digits`` is positive,
-#: which every pool sets (see ``persistence.database.create_pool``).
+#: which the statement that renders rows sets for itself (see ``SHORTEST_FLOATS``).
 ITEM_JSON = f"""'{{"name":' || to_json(name)::text
     || ',"value":' || CASE WHEN value = trunc(value) AND abs(value) < 1e15
         THEN value::text || '.0' ELSE value::text END
     || ',"source":' || to_json(source)::text
     || ',"observed_at":"' || {_timestamp_json("observed_at")}
     || '","ingested_at":"' || {_timestamp_json("ingested_at")} || '"}}'"""
+
+
+#: Joined first by a statement that renders floats, whose rows then reference it
+#: (so it is evaluated before them): ``extra_float_digits`` for that statement's
+#: transaction only, whatever the server's default, with no session state, which
+#: behind a transaction pooler is not ours to set.
+SHORTEST_FLOATS = "(SELECT set_config('extra_float_digits', '1', true) AS digits) AS floats"
 
 
 def _data_statement(*, source: bool, name: bool, after: bool) -> str:
@@ -123,12 +130,14 @@ def _data_statement(*, source: bool, name: bool, after: bool) -> str:
     if after:
         args.append("after")
         page_filters.append(f"name > ${len(args)}")
-    page_where = " AND ".join(page_filters) or "true"
+    page_filters.append("floats.digits IS NOT NULL")
+    page_where = " AND ".join(page_filters)
     limit, offset = len(args) + 1, len(args) + 2
     return f"""
 SELECT t.total, p.items, p.last_name, p.read, v.version
 FROM ({total}) AS t
 CROSS JOIN unified_version AS v
+CROSS JOIN {SHORTEST_FLOATS}
 CROSS JOIN LATERAL (
     SELECT
         '[' || coalesce(string_agg(s.item, ',' ORDER BY s.name) FILTER (WHERE s.k <= ${limit}), '')

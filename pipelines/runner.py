@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -37,6 +39,14 @@ log = structlog.get_logger("kasparro.runner")
 
 QUEUE_CHUNKS = 4
 STOPPED = "stopped: the service is shutting down"
+INTERRUPTED = "interrupted"
+"""The error of a source whose lease another run freed (its run looked dead)."""
+SKIPPED = "skipped"
+"""The status of a run that could take no source: nothing of it is recorded."""
+CLEANUP_SECONDS = 10.0
+"""Bound of each bookkeeping step (open, close, release) on a slow or full pool."""
+LEASE_OWNER = f"{socket.gethostname()}:{os.getpid()}"
+"""Who holds a lease, as ``etl_leases.owner`` shows it to operators."""
 
 Progress = Callable[[str, BatchCounts], None]
 
@@ -67,9 +77,8 @@ class _End:
 
 
 def run_status(states: Sequence[_SourceState]) -> str:
-    """Contract section 3: success, failed (every source failed) or partial."""
-    if not states:
-        return "success"
+    """Success, failed (every source failed) or partial (anything in between, or
+    records rejected); a run always has at least one source."""
     failed = sum(1 for s in states if s.status == "failed")
     rejected = sum(s.counts.rejected for s in states)
     if failed == len(states):
@@ -77,6 +86,18 @@ def run_status(states: Sequence[_SourceState]) -> str:
     if failed or rejected:
         return "partial"
     return "success"
+
+
+def skipped(busy: dict[str, uuid.UUID | None]) -> dict[str, Any]:
+    """What a run that could take no source answers (it is recorded nowhere)."""
+    return {
+        "status": SKIPPED,
+        "sources": {name: {"status": "busy", "held_by": _text(run)} for name, run in busy.items()},
+    }
+
+
+def _text(run_id: uuid.UUID | None) -> str | None:
+    return None if run_id is None else str(run_id)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -113,58 +134,84 @@ class Runner:
         """Graceful stop: readers stop, the batch in flight commits, the run is closed."""
         self._stop.set()
 
-    async def run(self, trigger: str, names: Sequence[str] | None = None) -> dict[str, Any]:
+    async def run(
+        self, trigger: str, names: Sequence[str] | None = None, *, run_id: uuid.UUID | None = None
+    ) -> dict[str, Any]:
         """One run over all sources (or the named ones); returns the run object.
+
+        When another run holds every source, nothing is recorded and the answer
+        is ``{"status": "skipped", "sources": {name: {"status": "busy", "held_by":
+        run id}}}`` (with no sources when a stop was asked before the run began).
 
         Source failures are recorded, never raised. Database errors that prevent
         recording the run at all propagate.
         """
         async with self._lock:
-            self._stop.clear()
-            return await self._run(trigger, names)
+            try:
+                return await self._run(trigger, names, run_id or uuid.uuid4())
+            finally:
+                # Cleared after the run, not before: a stop asked while the run
+                # was being set up (SIGTERM to `etl run`, say) is not lost.
+                self._stop.clear()
 
     # -- the run ---------------------------------------------------------
 
-    async def _run(self, trigger: str, names: Sequence[str] | None) -> dict[str, Any]:
+    async def _run(
+        self, trigger: str, names: Sequence[str] | None, run_id: uuid.UUID
+    ) -> dict[str, Any]:
         wanted = [s for s in self.sources if not names or s.name in names]
-        run_id = uuid.uuid4()
         log_ = log.bind(run_id=str(run_id))
         started = time.monotonic()
         self._read_total = 0
-        async with self.pool.acquire() as control:
-            # Session-level advisory locks live on this connection for the whole
-            # run: the run's own (so a crash is detectable) and one per source (so
-            # replicas never ingest the same source at once). They end with the
-            # session, so a lost connection releases them too.
-            closed = await runs.close_interrupted_runs(control)
-            for stale in closed:
-                log_.warning("run_interrupted_closed", closed_run_id=str(stale))
-            await control.execute("SELECT pg_advisory_lock($1)", runs.run_lock_key(run_id))
-            mine: list[SourceConfig] = []
-            try:
-                for source in wanted:
-                    key = runs.source_lock_key(source.name)
-                    if await control.fetchval("SELECT pg_try_advisory_lock($1)", key):
-                        mine.append(source)
-                    else:
-                        log_.info("source_skipped_locked", source=source.name)
-                await runs.open_run(control, run_id, trigger, [s.name for s in mine])
-                if self.metrics is not None:
-                    self.metrics.running.set(1)
-                states = await self._ingest(run_id, mine, log_)
-                status = run_status(states)
-                await self._close_run(control, run_id, states, status)
-            finally:
-                if self.metrics is not None:
-                    self.metrics.running.set(0)
-                await self._unlock(control, run_id, mine)
+        await self._close_interrupted(log_)
+        if self._stop.is_set():
+            log_.info("etl_run_stopped_before_start", trigger=trigger)
+            return skipped({})
+        async with self.pool.acquire(timeout=CLEANUP_SECONDS) as conn:
+            opened = await runs.open_run(
+                conn,
+                run_id,
+                trigger,
+                [s.name for s in wanted],
+                owner=LEASE_OWNER,
+                lease_seconds=self.settings.etl_lease_seconds,
+            )
+        for name, holder in opened.busy.items():
+            log_.info("source_skipped_busy", source=name, held_by=_text(holder))
+        if not opened.taken:
+            log_.info("etl_run_skipped", trigger=trigger, busy=sorted(opened.busy))
+            return skipped(opened.busy)
+        committed = await batches.load_checkpoints(self.pool, opened.taken)
+        states = [
+            _SourceState(s, *committed.get(s.name, ({}, None)))
+            for s in wanted
+            if s.name in opened.taken
+        ]
+        if self.metrics is not None:
+            self.metrics.running.set(1)
+        heartbeat = asyncio.create_task(self._heartbeat(run_id, states, log_))
+        try:
+            await self._ingest(run_id, states, log_)
+            status = run_status(states)
+            await self._close_run(run_id, states, status)
+        except BaseException:
+            # Cancelled, or the end could not be recorded: free the sources now
+            # rather than when the leases expire.
+            await self._abandon(run_id, log_)
+            raise
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            if self.metrics is not None:
+                self.metrics.running.set(0)
         run = await runs.get_run(self.pool, run_id)
         assert run is not None
         if self.metrics is not None:
             self.metrics.observe_run(run, await runs.unified_total(self.pool))
         log_.info(
             "etl_run_finished",
-            status=status,
+            status=run["status"],
             trigger=trigger,
             duration_seconds=round(time.monotonic() - started, 3),
             sources={
@@ -182,25 +229,77 @@ class Runner:
         )
         return run
 
-    async def _close_run(
-        self, control: Conn, run_id: uuid.UUID, states: Sequence[_SourceState], status: str
+    async def _close_interrupted(self, log_: Any) -> None:
+        """Close the runs of processes that are gone, within a bound; a failure
+        leaves them for the next run (their sources stay busy meanwhile)."""
+        try:
+            async with (
+                asyncio.timeout(CLEANUP_SECONDS),
+                self.pool.acquire(timeout=CLEANUP_SECONDS) as conn,
+            ):
+                closed = await runs.close_interrupted_runs(conn)
+        except (asyncpg.LockNotAvailableError, TimeoutError) as exc:
+            log_.warning("run_close_interrupted_failed", error=_one_line(exc))
+            return
+        for stale in closed:
+            log_.warning("run_interrupted_closed", closed_run_id=str(stale))
+
+    async def _abandon(self, run_id: uuid.UUID, log_: Any) -> None:
+        """Release this run's leases and close it as interrupted, within a bound."""
+        try:
+            async with (
+                asyncio.timeout(CLEANUP_SECONDS),
+                self.pool.acquire(timeout=CLEANUP_SECONDS) as conn,
+            ):
+                closed = await runs.close_interrupted_runs(conn, release=run_id)
+        except Exception as exc:  # the leases expire on their own
+            log_.warning("run_release_failed", error=_one_line(exc))
+            return
+        for stale in closed:
+            log_.warning("run_interrupted_closed", closed_run_id=str(stale))
+
+    async def _heartbeat(
+        self, run_id: uuid.UUID, states: Sequence[_SourceState], log_: Any
     ) -> None:
-        """Record each source's end and the run's; on a fresh connection if need be.
+        """Renew the run's leases every third of their life; a source whose lease
+        went (it expired and another run freed it) stops at once."""
+        lease = self.settings.etl_lease_seconds
+        every = lease / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                async with (
+                    asyncio.timeout(every),
+                    self.pool.acquire(timeout=every) as conn,
+                ):
+                    held = await runs.renew_leases(conn, run_id, lease)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                log_.warning("lease_renewal_failed", error=_one_line(exc))
+                continue
+            for state in states:
+                if state.config.name not in held and state.error != INTERRUPTED:
+                    state.error = INTERRUPTED
+                    log_.warning("source_lease_lost", source=state.config.name)
+
+    async def _close_run(
+        self, run_id: uuid.UUID, states: Sequence[_SourceState], status: str
+    ) -> None:
+        """Record each source's end and the run's, and free the sources.
 
         Raises:
             RunRecordError: the database cannot be reached to record the end (the
-                run is then closed as interrupted by the next start).
+                leases then expire and the run is closed as interrupted).
         """
         errors = {s.error for s in states if s.status == "failed"}
         run_error = errors.pop() if status == "failed" and len(errors) == 1 else None
         last: BaseException | None = None
         for attempt in range(3):
             try:
-                if attempt == 0 and not control.is_closed():
-                    await self._write_end(control, run_id, states, status, run_error)
-                else:
-                    async with self.pool.acquire(timeout=5) as conn:
-                        await self._write_end(conn, run_id, states, status, run_error)
+                async with (
+                    asyncio.timeout(CLEANUP_SECONDS),
+                    self.pool.acquire(timeout=CLEANUP_SECONDS) as conn,
+                ):
+                    await self._write_end(conn, run_id, states, status, run_error)
                 return
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                 last = exc
@@ -208,7 +307,7 @@ class Runner:
         raise RunRecordError(
             f"database unavailable: cannot record the end of run {run_id} "
             f"({_one_line(last) if last else 'unknown'}); it is closed as interrupted "
-            "at the next start"
+            "once its leases expire"
         )
 
     @staticmethod
@@ -220,6 +319,8 @@ class Runner:
         run_error: str | None,
     ) -> None:
         async with conn.transaction():
+            # Leases first: the order in which close_interrupted_runs locks rows.
+            await runs.release_leases(conn, run_id)
             for state in states:
                 await runs.finish_source(
                     conn,
@@ -231,19 +332,8 @@ class Runner:
                 )
             await runs.finish_run(conn, run_id, status, run_error)
 
-    @staticmethod
-    async def _unlock(control: Conn, run_id: uuid.UUID, sources: Sequence[SourceConfig]) -> None:
-        if control.is_closed():
-            return  # the locks ended with the session
-        keys = [runs.source_lock_key(s.name) for s in sources] + [runs.run_lock_key(run_id)]
-        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            await control.execute("SELECT pg_advisory_unlock(k) FROM unnest($1::bigint[]) k", keys)
-
-    async def _ingest(
-        self, run_id: uuid.UUID, sources: Sequence[SourceConfig], log_: Any
-    ) -> list[_SourceState]:
-        committed = await batches.load_checkpoints(self.pool, [s.name for s in sources])
-        states = [_SourceState(s, *committed.get(s.name, ({}, None))) for s in sources]
+    async def _ingest(self, run_id: uuid.UUID, states: Sequence[_SourceState], log_: Any) -> None:
+        sources = [s.config for s in states]
         queue: asyncio.Queue[tuple[_SourceState, Prepared | _End]] = asyncio.Queue(QUEUE_CHUNKS)
         batch_size = self._batch_size()
         http_session = await self._http_session(sources)
@@ -264,7 +354,6 @@ class Runner:
                         await state.task
             if http_session is not None:
                 await http_session.close()
-        return states
 
     def _batch_size(self) -> int:
         size = self.settings.etl_batch_size
@@ -388,6 +477,12 @@ class Runner:
                 continue
             try:
                 counts = await self._write(run_id, state, item)
+            except asyncpg.ObjectNotInPrerequisiteStateError:
+                # The source was closed as interrupted (its lease had expired):
+                # the batch was refused whole.
+                state.error = INTERRUPTED
+                log_.warning("source_lease_lost", source=state.config.name)
+                continue
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 state.error = f"database error: {_one_line(exc)}"
                 log_.error("batch_failed", source=state.config.name, error=state.error)

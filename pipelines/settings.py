@@ -59,9 +59,15 @@ class Settings:
     etl_parse_process_min_bytes: int = 8 * 1024 * 1024
     """A file source with at least this much left to read is parsed in a process
     of its own, in parallel with the writes; 0 = always."""
-    etl_nice: int = 10
-    """Nice value of every run's processes (0-19): runs give way to the service's
-    requests on a busy machine; 0 = the caller's priority."""
+    etl_lease_seconds: float = 30.0
+    """How long a run's claim on a source lasts unless renewed (every third of
+    it): how soon the sources of a run whose process died are free again."""
+    database_pool_size: int = 10
+    """Connections the service's API reads may use at once."""
+    database_run_pool_size: int = 3
+    """Connections of one run (``etl run``, the service's run, ``etl reprocess``)."""
+    database_statement_cache_size: int = 100
+    """Prepared statements kept per connection; 0 behind a transaction pooler."""
     data_cache_bytes: int = 16 * 1024 * 1024
     """Memory for rendered ``/data`` pages, each served again while the data is
     unchanged; 0 = off."""
@@ -250,9 +256,10 @@ def load_settings(
     batch_size = _integer(env, "ETL_BATCH_SIZE", minimum=1)
     parse_process_min = _integer(env, "ETL_PARSE_PROCESS_MIN_BYTES", minimum=0)
     data_cache_bytes = _integer(env, "DATA_CACHE_BYTES", minimum=0)
-    etl_nice = _integer(env, "ETL_NICE", minimum=0)
-    if etl_nice is not None and etl_nice > 19:
-        raise ConfigError(f"ETL_NICE: expected 0..19, got {etl_nice}")
+    lease_seconds = _number(env, "ETL_LEASE_SECONDS", 30.0, minimum=1)
+    pool_size = _integer(env, "DATABASE_POOL_SIZE", minimum=1)
+    run_pool_size = _integer(env, "DATABASE_RUN_POOL_SIZE", minimum=2)
+    statement_cache = _integer(env, "DATABASE_STATEMENT_CACHE_SIZE", minimum=0)
 
     return Settings(
         database_url=database_url,
@@ -272,10 +279,49 @@ def load_settings(
         etl_parse_process_min_bytes=(
             parse_process_min if parse_process_min is not None else 8 * 1024 * 1024
         ),
-        etl_nice=etl_nice if etl_nice is not None else 10,
+        etl_lease_seconds=lease_seconds,
+        database_pool_size=pool_size if pool_size is not None else 10,
+        database_run_pool_size=run_pool_size if run_pool_size is not None else 3,
+        database_statement_cache_size=statement_cache if statement_cache is not None else 100,
         data_cache_bytes=data_cache_bytes if data_cache_bytes is not None else 16 * 1024 * 1024,
         host=env.get("HOST", "").strip() or "127.0.0.1",
         port=port,
         log_format=log_format,
         log_level=log_level,
     )
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """The variables from which :func:`load_settings` builds ``settings`` again:
+    how a child process (the service's run) gets the very settings of its parent.
+    An empty value means unset."""
+
+    def text(value: object) -> str:
+        return "" if value is None else str(value)
+
+    return {
+        "DATABASE_URL": text(settings.database_url),
+        "DATABASE_READ_URL": text(settings.database_read_url),
+        "DATA_DIR": str(settings.data_dir),
+        "API_KEY": ",".join(settings.api_keys),
+        "APP_ENV": settings.app_env,
+        "SOURCES_FILE": str(settings.sources_file),
+        "API_SOURCE_URL": text(settings.api_source_url),
+        "API_SOURCE_KEY": text(settings.api_source_key),
+        "CSV_SOURCE_PATH": text(settings.csv_source_path),
+        "JSON_SOURCE_PATH": text(settings.json_source_path),
+        "ETL_INTERVAL_SECONDS": repr(settings.etl_interval_seconds),
+        "ETL_ON_STARTUP": "true" if settings.etl_on_startup else "false",
+        "ETL_FAIL_AFTER_RECORDS": text(settings.etl_fail_after_records),
+        "ETL_BATCH_SIZE": str(settings.etl_batch_size),
+        "ETL_PARSE_PROCESS_MIN_BYTES": str(settings.etl_parse_process_min_bytes),
+        "ETL_LEASE_SECONDS": repr(settings.etl_lease_seconds),
+        "DATABASE_POOL_SIZE": str(settings.database_pool_size),
+        "DATABASE_RUN_POOL_SIZE": str(settings.database_run_pool_size),
+        "DATABASE_STATEMENT_CACHE_SIZE": str(settings.database_statement_cache_size),
+        "DATA_CACHE_BYTES": str(settings.data_cache_bytes),
+        "HOST": settings.host,
+        "PORT": str(settings.port),
+        "LOG_FORMAT": settings.log_format,
+        "LOG_LEVEL": settings.log_level,
+    }

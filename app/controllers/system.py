@@ -42,18 +42,14 @@ class SystemController(Controller):
     async def health(self, service: ServiceDep) -> Response[Health]:
         """200 when the database answers within a second, else 503 ``degraded``.
 
-        ``last_etl`` is ``running`` while this process runs ETL, else the newest run's
-        status (``never`` before the first one).
+        ``last_etl`` is the newest run's status (``running`` while a run of any
+        replica goes on, ``never`` before the first one): an attempt that could
+        take no source is no run and leaves it as it was.
         """
         check = await service.check_database()
         loop = service.loop
-        if loop.runner.running:
-            last = "running"
-        elif check.ok:
-            last = check.last_status or "never"
-        else:
-            # The database cannot say; report what this process last saw.
-            last = loop.last_status or "never"
+        # When the database cannot say, what this process last saw.
+        last = (check.last_status if check.ok else loop.last_status) or "never"
         body = Health(
             status="ok" if check.ok else "degraded",
             db="ok" if check.ok else "down",

@@ -58,7 +58,12 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     data = tmp_path / "large.csv"
     data.write_text(csv_text(rows, header=True), encoding="utf-8")
     ends = row_end_offsets(data)
-    env = cli_env(database_url, write_sources(tmp_path, csv_entry(data)), ETL_BATCH_SIZE=2000)
+    env = cli_env(
+        database_url,
+        write_sources(tmp_path, csv_entry(data)),
+        ETL_BATCH_SIZE=2000,
+        ETL_LEASE_SECONDS=1,
+    )
 
     conn = await asyncpg.connect(database_url)
     outcomes: list[str] = []
@@ -100,9 +105,8 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
                 moment = time.monotonic() - spawned
             assert not ended_by_itself, f"run {attempt} finished before its kill at {moment:.2f} s"
 
-            # The server drops the dead client's sessions, and their advisory locks.
-            # Until every one is gone a COMMIT one of them had received may still
-            # land (the run's lock session can go first), so wait for all of them.
+            # The server drops the dead client's sessions; until every one is gone
+            # a COMMIT one of them had received may still land, so wait for all.
             waited = time.monotonic()
             while await _other_sessions(conn):
                 assert time.monotonic() - waited < 30, "sessions of the killed run linger"
@@ -124,6 +128,10 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
                 f"kill {attempt}: {stored} raw rows, checkpoint covers {covered}"
             )
             assert running <= 1
+            # The dead run's lease keeps the source busy until it expires.
+            while await conn.fetchval("SELECT count(*) FROM etl_leases WHERE expires_at > now()"):
+                assert time.monotonic() - waited < 30, "the killed run's lease never expired"
+                await asyncio.sleep(0.05)
             outcomes.append(
                 f"kill {attempt + 1} at {moment:.2f} s "
                 f"({'in start-up' if early else f'past {target - before} new rows'}): "

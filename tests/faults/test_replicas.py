@@ -2,15 +2,20 @@
 
 While rows are appended to the CSV for ~20 s, the test polls the database every
 few milliseconds: at no moment may two run sources be ``running`` for the same
-source (the per-source advisory lock). All three must serve ``/data``. After a
+source (the per-source lease). All three must serve ``/data``. After a
 graceful stop of all three and a final run, the audit: nothing duplicated,
 nothing lost.
+
+Then three replicas whose one source always fails: the attempts that find it
+busy are no runs, so ``success`` never shows anywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -23,6 +28,7 @@ import pytest
 from tests.faults.audit import SourceInput, audit, note
 from tests.faults.conftest import ServeProcess, csv_records, csv_text
 from tests.helpers import (
+    api_entry,
     cli_env,
     coin,
     csv_entry,
@@ -149,7 +155,7 @@ async def test_three_replicas_never_ingest_one_source_twice(
                 for name, s in (e.get("sources") or {}).items()
                 if s.get("fetched")
             )
-            skipped = sum(1 for e in replica.events if e.get("event") == "source_skipped_locked")
+            skipped = sum(1 for e in replica.events if e.get("event") == "source_skipped_busy")
             output = replica.output()
             assert "Traceback" not in output, output[-3000:]
             outcomes.append(
@@ -184,3 +190,71 @@ async def test_three_replicas_never_ingest_one_source_twice(
             SourceInput("json", "raw_third_source_data", coins, JSON_FIELDS),
         ],
     )
+
+
+_RUNS_BY_STATUS = re.compile(r'^etl_runs_total\{status="(\w+)"\} (\S+)$', re.MULTILINE)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_replicas_with_an_always_failing_source_never_show_success(
+    database_url: str,
+    tmp_path: Path,
+    serve: Callable[[dict[str, str]], ServeProcess],
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on: the source always fails
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sources = write_sources(tmp_path, api_entry(f"http://127.0.0.1:{port}/v1/tickers"))
+    env = cli_env(
+        database_url,
+        sources,
+        API_KEY=KEY,
+        ETL_ON_STARTUP="true",
+        ETL_INTERVAL_SECONDS="0.2",
+    )
+    replicas = [serve(env) for _ in range(REPLICAS)]
+    for replica in replicas:
+        replica.listening()
+    seen: Counter[str] = Counter()
+    conn = await asyncpg.connect(database_url)
+    try:
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            for replica in replicas:
+                health, stats, listed, metrics = await asyncio.gather(
+                    asyncio.to_thread(replica.get, "/health"),
+                    asyncio.to_thread(replica.get, "/stats"),
+                    asyncio.to_thread(replica.get, "/runs?limit=100", headers={"x-api-key": KEY}),
+                    asyncio.to_thread(replica.get, "/metrics"),
+                )
+                seen[f"health {health.json()['last_etl']}"] += 1
+                seen[f"stats {stats.json()['last_status']}"] += 1
+                for run in listed.json()["data"]:
+                    seen[f"runs {run['status']}"] += 1
+                for status, value in _RUNS_BY_STATUS.findall(metrics.text):
+                    if float(value) > 0:
+                        seen[f"metrics {status}"] += 1
+        recorded = Counter(r["status"] for r in await conn.fetch("SELECT status FROM etl_runs"))
+        empty = await conn.fetchval(
+            "SELECT count(*) FROM etl_runs r WHERE NOT EXISTS "
+            "(SELECT FROM etl_run_sources s WHERE s.run_id = r.id)"
+        )
+    finally:
+        await conn.close()
+    attempts = Counter(
+        e.get("event")
+        for replica in replicas
+        for e in replica.events
+        if e.get("event") in ("etl_run_finished", "etl_attempt_skipped")
+    )
+    note(
+        "replicas with an always-failing source",
+        f"attempts: {dict(attempts)}; runs recorded: {dict(recorded)}",
+        f"what the replicas showed: {dict(sorted(seen.items()))}",
+    )
+    assert attempts["etl_attempt_skipped"] > 0, "no attempt found the source busy"
+    assert recorded["failed"] > 0
+    assert set(recorded) <= {"failed", "running"}
+    assert empty == 0
+    assert not [key for key in seen if key.endswith(" success")], seen

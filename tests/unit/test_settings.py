@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from pipelines.config import load_sources, select_sources
 from pipelines.errors import ConfigError
-from pipelines.settings import load_settings
+from pipelines.settings import environment, load_settings
 from tests.helpers import CSV_MAPPING, api_entry, csv_entry, json_entry, write_sources
 
 
@@ -32,7 +33,9 @@ def test_defaults(sources_file: Path) -> None:
     assert settings.etl_batch_size == 10_000
     assert settings.etl_parse_process_min_bytes == 8 * 1024 * 1024
     assert settings.data_cache_bytes == 16 * 1024 * 1024
-    assert settings.etl_nice == 10
+    assert settings.etl_lease_seconds == 30.0
+    assert (settings.database_pool_size, settings.database_run_pool_size) == (10, 3)
+    assert settings.database_statement_cache_size == 100
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.app_env == "development"
 
@@ -52,9 +55,12 @@ def test_defaults(sources_file: Path) -> None:
         ("ETL_PARSE_PROCESS_MIN_BYTES", "8MB"),
         ("DATA_CACHE_BYTES", "-1"),
         ("DATA_CACHE_BYTES", "16MiB"),
-        ("ETL_NICE", "-1"),
-        ("ETL_NICE", "20"),
-        ("ETL_NICE", "low"),
+        ("ETL_LEASE_SECONDS", "0.5"),
+        ("ETL_LEASE_SECONDS", "forever"),
+        ("DATABASE_POOL_SIZE", "0"),
+        ("DATABASE_RUN_POOL_SIZE", "1"),
+        ("DATABASE_STATEMENT_CACHE_SIZE", "-1"),
+        ("DATABASE_STATEMENT_CACHE_SIZE", "off"),
         ("ETL_ON_STARTUP", "maybe"),
         ("PORT", "70000"),
         ("API_SOURCE_URL", "ftp://example.invalid/x"),
@@ -176,3 +182,29 @@ def test_selecting_an_unknown_source_names_it(sources_file: Path) -> None:
     assert [s.name for s in select_sources(sources, ["json", "api"])] == ["api", "json"]
     with pytest.raises(ConfigError, match="'nope'"):
         select_sources(sources, ["nope"])
+
+
+def test_a_childs_environment_gives_back_the_very_settings(
+    sources_file: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "prices.csv").write_text("name,value,updated_at\n")
+    settings = load_settings(
+        {
+            "SOURCES_FILE": str(sources_file),
+            "DATABASE_URL": "postgresql://u:p%40ss@db:6432/k",
+            "API_KEY": "one, two",
+            "CSV_SOURCE_PATH": str(tmp_path / "prices.csv"),
+            "ETL_INTERVAL_SECONDS": "0.25",
+            "ETL_ON_STARTUP": "false",
+            "ETL_FAIL_AFTER_RECORDS": "7",
+            "ETL_LEASE_SECONDS": "4.5",
+            "DATABASE_STATEMENT_CACHE_SIZE": "0",
+            "DATABASE_POOL_SIZE": "3",
+            "LOG_FORMAT": "console",
+            "LOG_LEVEL": "debug",
+        },
+        env_file=None,
+    )
+    assert load_settings(environment(settings), env_file=None) == settings
+    # One variable per setting: a new setting cannot be left out of the child's.
+    assert len(environment(settings)) == len(dataclasses.fields(settings))

@@ -17,7 +17,7 @@ print(" ".join(sorted(m for m in ("rich", "prometheus_client", "multiprocessing"
 """
 
 
-@pytest.mark.parametrize("module", ["app.cli", "pipelines.process", "pipelines.runner"])
+@pytest.mark.parametrize("module", ["app.cli", "pipelines.runner"])
 def test_a_commands_modules_leave_out_what_it_does_not_use(module: str) -> None:
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT.format(module=module)],
