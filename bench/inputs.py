@@ -34,6 +34,7 @@ class Sizes:
     memory_names: int
     http_records: int
     http_pages: int
+    noop_http_records: int
     read_seconds: float
     warmup_seconds: float
     rounds: int = 1
@@ -57,6 +58,7 @@ FULL = Sizes(
     memory_names=300_000,
     http_records=100_000,
     http_pages=100,
+    noop_http_records=10_000,
     read_seconds=5.0,
     warmup_seconds=1.0,
     rounds=3,
@@ -73,6 +75,7 @@ QUICK = Sizes(
     memory_names=300_000,
     http_records=10_000,
     http_pages=10,
+    noop_http_records=10_000,
     read_seconds=3.0,
     warmup_seconds=0.5,
 )
@@ -219,6 +222,7 @@ class Inputs:
     memory_csv: Path
     sources_file: Path
     csv_only_sources_file: Path
+    api_only_sources_file: Path
     tickers_seed: int = 4
 
 
@@ -255,6 +259,18 @@ def _sources_toml(csv: Path, jsonl: Path | None, http_page_size: int | None) -> 
     return "# Written by the bench.\n\n" + "\n".join(parts)
 
 
+def _api_only_toml() -> str:
+    """The ``api`` source alone, one request for the whole collection (the shipped default)."""
+    return (
+        "# Written by the bench.\n\n[[sources]]\n"
+        'name = "api"\nkind = "http"\n'
+        f'location = "{_UPSTREAM_PLACEHOLDER}"\n'
+        "rate_limit_per_second = 0\nmax_retries = 2\ntimeout_seconds = 60\npage_size = 0\n"
+        'mapping = { name = "name", value = "quotes.USD.price", '
+        'observed_at = "last_updated", id = "id" }\n'
+    )
+
+
 def prepare(folder: Path, sizes: Sizes, needed: set[str], log: Any = print) -> Inputs:
     """Generate the files ``needed`` names (``csv``, ``csv_second``, ``csv_third``,
     ``jsonl``, ``memory_csv``) unless an identical one is already in ``folder``."""
@@ -268,6 +284,7 @@ def prepare(folder: Path, sizes: Sizes, needed: set[str], log: Any = print) -> I
         memory_csv=folder / f"rows-{sizes.memory_rows}-names-{sizes.memory_names}.csv",
         sources_file=folder / "sources.toml",
         csv_only_sources_file=folder / "sources-csv-only.toml",
+        api_only_sources_file=folder / "sources-api-only.toml",
     )
     plans: dict[str, tuple[Path, Any]] = {
         "csv": (inputs.csv, lambda p: write_csv(p, sizes.csv_rows, sizes.csv_names, seed=1)),
@@ -298,4 +315,5 @@ def prepare(folder: Path, sizes: Sizes, needed: set[str], log: Any = print) -> I
         _sources_toml(inputs.csv, inputs.jsonl, sizes.http_page_size), encoding="utf-8"
     )
     inputs.csv_only_sources_file.write_text(_sources_toml(inputs.csv, None, None), encoding="utf-8")
+    inputs.api_only_sources_file.write_text(_api_only_toml(), encoding="utf-8")
     return inputs

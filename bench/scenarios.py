@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from bench.db import DatabaseServer, active_seconds, footprint, scalar, wal_bytes
-from bench.inputs import Inputs, Sizes
+from bench.inputs import Inputs, Sizes, make_tickers
 from bench.load import LoadResult, run_load
 from bench.proc import (
     REPO_ROOT,
@@ -475,6 +475,85 @@ def ingest_http(ctx: Context) -> None:
 
     run, url, ref_run, note = _rounds(ctx, mine, ref)
     _ingestion_rows(ctx, "ingest_http", run, ref_run, Goal(">=", 0.7), _unified_rows(url), note)
+
+
+def noop_http(ctx: Context) -> None:
+    """A rerun on an unchanged API response (one request, every record already stored).
+
+    The response is read whole every run and each record is checked against raw
+    by its content hash, so this is the cost of re-reading a whole response. The
+    baseline is the same command on an upstream that answers ``[]``: start-up,
+    migrations, the run's records and one request, with nothing to read.
+    """
+    records = ctx.sizes.noop_http_records
+    tickers = PagedUpstream(make_tickers(records, seed=7), records).start()
+    empty = PagedUpstream([], 1).start()
+    try:
+        sources = str(ctx.inputs.api_only_sources_file)
+        url = ctx.server.create("noop_http")
+        extra = {"SOURCES_FILE": sources, "API_SOURCE_URL": tickers.url}
+        ctx.log(f"  etl run: {records:,} tickers in one response")
+        first = etl_run(ctx, url, "api", "noop-http-first", extra)
+        ctx.log(f"    {first.fetched:,} records in {first.measured.wall_seconds:.2f}s")
+        ctx.log("  etl run again (the same response), three times")
+        reruns = [etl_run(ctx, url, "api", f"noop-http-{i + 1}", extra) for i in range(3)]
+        ctx.log("    " + ", ".join(f"{r.measured.wall_seconds:.2f}s" for r in reruns))
+        ctx.log("  etl run on an empty response, three times (the baseline)")
+        empty_url = ctx.server.create("noop_http_empty")
+        empty_extra = {"SOURCES_FILE": sources, "API_SOURCE_URL": empty.url}
+        bases = [
+            etl_run(ctx, empty_url, "api", f"noop-http-empty-{i + 1}", empty_extra)
+            for i in range(3)
+        ]
+        ctx.log("    " + ", ".join(f"{b.measured.wall_seconds:.2f}s" for b in bases))
+    finally:
+        tickers.stop()
+        empty.stop()
+    rerun = sorted(reruns, key=lambda r: r.measured.wall_seconds)[1]
+    base = sorted(bases, key=lambda r: r.measured.wall_seconds)[1]
+    source = (rerun.run.get("sources") or {}).get("api") or {}
+    note = (
+        f"fetched {source.get('fetched')}, new {source.get('raw_inserted')}, "
+        f"duplicates {source.get('duplicates')}"
+    )
+    add = ctx.results.add
+    add(
+        Row(
+            "noop_http",
+            f"wall of a rerun on an unchanged {records:,}-record response [median of 3]",
+            rerun.measured.wall_seconds,
+            "s",
+            "the same on an empty response",
+            base.measured.wall_seconds,
+            Goal("<=", 1.0, on="value"),
+            note,
+        )
+    )
+    add(
+        Row(
+            "noop_http",
+            "run duration_seconds (in-process, no start-up)",
+            float(rerun.run.get("duration_seconds") or 0.0),
+            "s",
+            "the same on an empty response",
+            float(base.run.get("duration_seconds") or 0.0) or None,
+        )
+    )
+    add(
+        Row(
+            "noop_http",
+            "wall of the rerun against the first load",
+            rerun.measured.wall_seconds,
+            "s",
+            "first load wall",
+            first.measured.wall_seconds,
+        )
+    )
+    ctx.results.details["noop_http"] = {
+        "first": first.summary(),
+        "rerun": rerun.summary(),
+        "empty": base.summary(),
+    }
 
 
 def memory(ctx: Context) -> None:
@@ -1200,18 +1279,28 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "ingest_csv": ingest_csv,
     "ingest_jsonl": ingest_jsonl,
     "ingest_http": ingest_http,
+    "noop_http": noop_http,
     "memory": memory,
     "reads": reads,
     "under_load": under_load,
     "profile": profile,
 }
-DEFAULT = ("ingest_csv", "ingest_jsonl", "ingest_http", "memory", "reads", "under_load")
+DEFAULT = (
+    "ingest_csv",
+    "ingest_jsonl",
+    "ingest_http",
+    "noop_http",
+    "memory",
+    "reads",
+    "under_load",
+)
 
 # Which generated files each scenario reads.
 NEEDS: dict[str, set[str]] = {
     "ingest_csv": {"csv"},
     "ingest_jsonl": {"jsonl"},
     "ingest_http": set(),
+    "noop_http": set(),
     "memory": {"csv", "memory_csv"},
     "reads": {"csv"},
     "under_load": {"csv", "csv_second", "csv_third"},
