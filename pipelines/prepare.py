@@ -28,7 +28,7 @@ class Prepared:
     """A chunk with its drift outcome and every record already transformed.
 
     Attributes:
-        fetched: records the source emitted for this chunk, repeats included.
+        fetched: records the source received for this chunk, repeats included.
         cursor: the checkpoint that is true once the chunk is committed.
         final: the source has nothing more to give in this run.
         outcome: the chunk's drift outcome (``error`` set: the source fails).
@@ -51,6 +51,10 @@ def prepare(source: SourceConfig, chunk: Chunk, schema: dict[str, str] | None) -
     records = list(distinct.values())
     payloads = [r.payload for r in records]
     outcome = detect_drift(source, payloads, schema)
+    if chunk.stored:
+        # Drift is judged on everything received; what raw holds goes no further.
+        records = [r for r in records if r.content_hash not in chunk.stored]
+        payloads = [r.payload for r in records]
     hashes = [r.content_hash for r in records]
     if outcome.error is not None:
         # Only the raw records are written (the source fails): as text columns.

@@ -59,9 +59,13 @@ class Chunk:
         records: the records, in source order.
         cursor: the checkpoint that is true once these records are committed.
         final: the source has nothing more to give in this run.
+        stored: content hashes of ``records`` that raw already held when they
+            were read: they count for drift, and are duplicates without being
+            transformed or sent to the batch statement.
     """
 
     records: list[RawRecord]
     cursor: dict[str, Any]
     final: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    stored: frozenset[bytes] = frozenset()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import structlog
 
-from persistence import batches, runs
+from persistence import batches, raw, runs
 from persistence.batches import BatchCounts
 from persistence.types import Conn
 from pipelines.config import SourceConfig
@@ -376,11 +377,13 @@ class Runner:
         source = state.config
         if source.kind == "csv":
             return read_csv(source, state.cursor, batch_size)
+        # Whole documents are read again every run: what raw holds is left out early.
+        stored = functools.partial(raw.stored_hashes, self.pool, source.raw_table, source.name)
         if source.kind == "json":
-            return read_json(source, state.cursor, batch_size)
+            return read_json(source, state.cursor, batch_size, stored=stored)
         from pipelines.sources.http import read_http
 
-        return read_http(source, state.cursor, batch_size, session=http_session)
+        return read_http(source, state.cursor, batch_size, session=http_session, stored=stored)
 
     def _prepared(
         self, state: _SourceState, batch_size: int, http_session: Any

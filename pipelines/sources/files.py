@@ -11,6 +11,10 @@ Cursor of an offset-based file (CSV, JSON Lines)::
 
 A file that shrank below the offset, or whose head changed, is read again from
 the start; raw idempotency collapses what was already stored.
+
+A JSON array (``{"mode": "array"}``) has no position to resume from: it is read
+whole every run, and every record goes on to the batch, where the ones already
+stored count as duplicates. Nothing is skipped for its timestamp.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import hashlib
 import json
 import math
 from collections.abc import AsyncGenerator, Iterator, Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -30,7 +33,7 @@ import msgspec
 from pipelines.config import SourceConfig
 from pipelines.errors import SourceError
 from pipelines.records import Chunk, RawRecord, make_record
-from pipelines.transform import observed_at_of
+from pipelines.sources.stored import StoredLookup, mark_stored
 
 HEAD_BYTES = 4096
 # Large enough for the 1 MB fields real exports contain, small enough to bound memory.
@@ -217,60 +220,6 @@ def _float_or_text(text: str) -> float | str:
     return value if math.isfinite(value) else text
 
 
-def _hwm(cursor: Mapping[str, Any] | None) -> datetime | None:
-    if not cursor or not cursor.get("high_water"):
-        return None
-    try:
-        return datetime.fromisoformat(str(cursor["high_water"]))
-    except ValueError:
-        return None
-
-
-def _iso(ts: datetime) -> str:
-    return ts.isoformat().replace("+00:00", "Z")
-
-
-def filter_by_high_water(
-    source: SourceConfig,
-    items: list[Any],
-    cursor: Mapping[str, Any] | None,
-    batch_size: int,
-    seen_max: datetime | None,
-    extra: dict[str, Any] | None = None,
-) -> tuple[list[Chunk], datetime | None]:
-    """Chunks of the records above the committed mark, and the newest mark seen.
-
-    The chunks carry the old cursor: the mark only advances in the final chunk,
-    because records are unordered and an early advance could skip uncommitted ones.
-    """
-    mark = _hwm(cursor)
-    kept: list[RawRecord] = []
-    for item in items:
-        ts = observed_at_of(item, source.mapping)
-        if ts is not None:
-            if mark is not None and ts <= mark:
-                continue
-            if seen_max is None or ts > seen_max:
-                seen_max = ts
-        kept.append(make_record(item))
-    old = dict(cursor or {})
-    if extra:
-        old.update(extra)
-    chunks = [Chunk(kept[i : i + batch_size], old) for i in range(0, len(kept), max(1, batch_size))]
-    return chunks, seen_max
-
-
-def final_high_water(
-    cursor: Mapping[str, Any] | None, seen_max: datetime | None, extra: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    mark = _hwm(cursor)
-    newest = max((t for t in (mark, seen_max) if t is not None), default=None)
-    final: dict[str, Any] = {} if newest is None else {"high_water": _iso(newest)}
-    if extra:
-        final.update(extra)
-    return final
-
-
 def _first_significant_byte(path: Path) -> bytes:
     with path.open("rb") as handle:
         head = handle.read(HEAD_BYTES)
@@ -278,9 +227,7 @@ def _first_significant_byte(path: Path) -> bytes:
     return head[:1]
 
 
-def _json_array_chunks(
-    source: SourceConfig, path: Path, cursor: Mapping[str, Any] | None, batch_size: int
-) -> Iterator[Chunk]:
+def _json_array_chunks(path: Path, batch_size: int) -> Iterator[Chunk]:
     data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     try:
         document = _json_decoder.decode(data)
@@ -290,11 +237,13 @@ def _json_array_chunks(
         except ValueError:
             raise SourceError(f"malformed JSON in {path.name}: {exc}") from None
     items = _records_of(document, path)
-    chunks, seen_max = filter_by_high_water(
-        source, items, cursor, batch_size, None, {"mode": "array"}
-    )
-    yield from chunks
-    yield Chunk([], final_high_water(cursor, seen_max, {"mode": "array"}), final=True)
+    # Read whole every run: each record goes on, and raw idempotency makes the
+    # ones already stored duplicates. Records are not in time order, so no
+    # timestamp could say which of them are new.
+    for start in range(0, len(items), batch_size):
+        records = [make_record(item) for item in items[start : start + batch_size]]
+        yield Chunk(records, {"mode": "array"})
+    yield Chunk([], {"mode": "array"}, final=True)
 
 
 def _records_of(document: Any, path: Path) -> list[Any]:
@@ -313,19 +262,17 @@ def _records_of(document: Any, path: Path) -> list[Any]:
     )
 
 
-def _json_chunks(
-    source: SourceConfig, path: Path, cursor: Mapping[str, Any] | None, batch_size: int
-) -> Iterator[Chunk]:
+def _json_chunks(path: Path, cursor: Mapping[str, Any] | None, batch_size: int) -> Iterator[Chunk]:
     first = _first_significant_byte(path)
     if first == b"[":
-        yield from _json_array_chunks(source, path, cursor, batch_size)
+        yield from _json_array_chunks(path, batch_size)
     elif first == b"{":
         if _looks_like_single_document(path):
-            yield from _json_array_chunks(source, path, cursor, batch_size)
+            yield from _json_array_chunks(path, batch_size)
         else:
             yield from _jsonl_chunks(path, cursor, batch_size)
     elif first == b"":
-        yield Chunk([], dict(cursor or {}), final=True)
+        yield Chunk([], {}, final=True)
     else:
         raise SourceError(f"{path.name}: expected a JSON array or JSON Lines")
 
@@ -389,7 +336,7 @@ def file_chunks(
     path = _check_file(source)
     if source.kind == "csv":
         return _csv_chunks(path, cursor, batch_size)
-    return _json_chunks(source, path, cursor, batch_size)
+    return _json_chunks(path, cursor, batch_size)
 
 
 def unread_bytes(source: SourceConfig, cursor: Mapping[str, Any] | None) -> int:
@@ -419,9 +366,17 @@ async def read_csv(
 
 
 async def read_json(
-    source: SourceConfig, cursor: Mapping[str, Any] | None, batch_size: int
+    source: SourceConfig,
+    cursor: Mapping[str, Any] | None,
+    batch_size: int,
+    *,
+    stored: StoredLookup | None = None,
 ) -> AsyncGenerator[Chunk, None]:
-    """A JSON array (high-water mark on observed_at) or JSON Lines (byte offsets)."""
+    """A JSON array (read whole every run) or JSON Lines (from the committed byte offset).
+
+    ``stored`` tells which records raw already holds; an array's chunks carry
+    them in ``stored``, so they are not prepared again.
+    """
     path = _check_file(source)
-    async for chunk in _drive(_json_chunks(source, path, cursor, batch_size), source.name):
-        yield chunk
+    async for chunk in _drive(_json_chunks(path, cursor, batch_size), source.name):
+        yield await mark_stored(chunk, stored) if chunk.cursor.get("mode") == "array" else chunk

@@ -5,10 +5,11 @@ token bucket; 408, 429, 5xx, connection errors, timeouts and bodies cut short
 are retried with exponential backoff and full jitter (``Retry-After`` wins);
 401/403 and other 4xx fail at once (design: "HTTP error taxonomy").
 
-Incremental reading skips records at or below the committed high-water mark of
-``observed_at``. The mark only advances in the final chunk: records arrive in no
-particular order, so committing a higher mark with an earlier chunk could skip
-records of later chunks that a crash left uncommitted.
+Every run reads the whole collection and hands every record on: raw rows are
+unique per content hash, so a record seen before is counted as a duplicate and
+stored once. Nothing is skipped for its timestamp: an upstream stamps each
+record on its own, so a coin's new observation (or a coin new to the list) can
+be older than the newest timestamp of the previous fetch.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from yarl import URL
 
 from pipelines.config import SourceConfig
 from pipelines.errors import SourceError
-from pipelines.records import Chunk, RawRecord, make_record
+from pipelines.records import Chunk, make_record
 from pipelines.sources.files import loads_lenient
-from pipelines.transform import observed_at_of, parse_timestamp
+from pipelines.sources.stored import StoredLookup, mark_stored
 
 log = structlog.get_logger(__name__)
 
@@ -71,20 +72,23 @@ async def read_http(
     batch_size: int,
     *,
     session: aiohttp.ClientSession | None = None,
+    stored: StoredLookup | None = None,
 ) -> AsyncGenerator[Chunk, None]:
     """Read ``source.location`` and yield its records in chunks.
 
     Args:
         source: the declared source (``kind = "http"``).
-        cursor: the committed checkpoint, possibly ``{"high_water": "<ISO 8601>"}``;
-            ``None`` or ``{}`` reads everything.
+        cursor: the committed checkpoint; unused, because every run reads the
+            whole collection (a checkpoint of an older version, such as
+            ``{"high_water": ...}``, is ignored and replaced by ``{}``).
         batch_size: most records per chunk (a page larger than this is split).
         session: an open session to use; when ``None`` one is created and closed here.
+        stored: tells which records raw already holds; each chunk carries those
+            in its ``stored``, so they are not prepared again.
 
     Yields:
-        One chunk per page (split by ``batch_size``; pages with nothing new yield
-        nothing) carrying the old cursor unchanged, then a final empty chunk whose
-        cursor holds the new high-water mark and whose ``meta`` holds counters.
+        Every record received, one chunk per page (split by ``batch_size``),
+        then a final empty chunk whose ``meta`` holds counters.
 
     Raises:
         SourceError: the upstream refused the request, answered a permanent error,
@@ -94,16 +98,13 @@ async def read_http(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    old_cursor = dict(cursor) if cursor else {}
-    old_mark = _parse_mark(source, old_cursor)
     own_session = session is None
     client = session if session is not None else aiohttp.ClientSession()
     try:
         fetcher = _Fetcher(source, client)
         paginated = source.page_size > 0
         base_url = URL(source.location)
-        newest = old_mark
-        emitted_total = skipped = pages = 0
+        received = pages = 0
         previous_body: bytes | None = None
         page = 1
         while True:
@@ -121,24 +122,14 @@ async def read_http(
                 break
             objects = _decode(source, body, content_type, where)
             pages += 1
-
-            emitted: list[RawRecord] = []
-            for obj in objects:
-                observed = observed_at_of(obj, source.mapping)
-                if observed is not None:
-                    if newest is None or observed > newest:
-                        newest = observed
-                    if old_mark is not None and observed <= old_mark:
-                        skipped += 1
-                        continue
-                emitted.append(make_record(obj))
-            emitted_total += len(emitted)
-            for start in range(0, len(emitted), batch_size):
-                yield Chunk(
-                    emitted[start : start + batch_size],
-                    cursor=dict(old_cursor),
+            received += len(objects)
+            for start in range(0, len(objects), batch_size):
+                chunk = Chunk(
+                    [make_record(obj) for obj in objects[start : start + batch_size]],
+                    cursor={},
                     meta={"page": page},
                 )
+                yield await mark_stored(chunk, stored)
 
             if not paginated or len(objects) < source.page_size:
                 break
@@ -160,17 +151,15 @@ async def read_http(
             previous_body = body
             page += 1
 
-        final_cursor = {"high_water": _iso(newest)} if newest is not None else {}
         yield Chunk(
             [],
-            cursor=final_cursor,
+            cursor={},
             final=True,
             meta={
                 "requests": fetcher.requests,
                 "retries": fetcher.retries,
                 "pages": pages,
-                "emitted": emitted_total,
-                "skipped": skipped,
+                "received": received,
             },
         )
     finally:
@@ -324,19 +313,6 @@ def _lenient_page(body: bytes) -> list[dict[str, Any]] | None:
     return None
 
 
-def _parse_mark(source: SourceConfig, cursor: Mapping[str, Any]) -> datetime | None:
-    """The committed high-water mark; a corrupt one is ignored (re-reading is harmless)."""
-    raw = cursor.get("high_water")
-    if raw is None:
-        return None
-    parsed = parse_timestamp(raw)
-    if isinstance(parsed, datetime):
-        return parsed
-    # Raw idempotency makes a full re-read safe, so a bad mark costs time, not data.
-    log.warning("http_cursor_invalid", source=source.name, high_water=str(raw)[:60])
-    return None
-
-
 def _retry_after(value: str | None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta seconds or HTTP date)."""
     if value is None:
@@ -378,7 +354,3 @@ def _one_line(exc: BaseException | str) -> str:
     if len(text) > _MESSAGE_LIMIT:
         text = text[: _MESSAGE_LIMIT - 3] + "..."
     return text
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")

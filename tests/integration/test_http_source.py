@@ -282,7 +282,7 @@ async def test_one_get_without_page_size(fake: FakeUpstream) -> None:
     assert [dict(r.query) for r in fake.requests] == [{}]
 
 
-# -- 6. high-water mark -------------------------------------------------------------------
+# -- 6. every record, every run ------------------------------------------------------------
 
 UNDATED = [
     {"id": "x-undated", "name": "Undated", "quotes": {"USD": {"price": 1.0}}},
@@ -290,49 +290,27 @@ UNDATED = [
 ]
 
 
-async def test_high_water_skips_records_at_or_below_it() -> None:
-    old = {"high_water": "2025-06-25T10:00:05Z"}
+@pytest.mark.parametrize(
+    "cursor",
+    [None, {}, {"high_water": "2025-06-25T10:00:05Z"}, {"high_water": "not a time"}],
+    ids=["none", "empty", "old-mark", "corrupt-mark"],
+)
+async def test_every_record_is_emitted_whatever_the_checkpoint(
+    cursor: Mapping[str, Any] | None,
+) -> None:
     async with FakeUpstream([*UNDATED, *TICKERS]) as upstream:
-        chunks = await read_all(make_source(upstream.url, page_size=4), cursor=old, batch_size=2)
+        chunks = await read_all(make_source(upstream.url, page_size=4), cursor=cursor, batch_size=2)
 
-    # 10:00:05 equals the mark: skipped. Undated records always pass.
-    assert payloads(chunks) == [*UNDATED, *TICKERS[6:]]
+    assert payloads(chunks) == [*UNDATED, *TICKERS]
     *pages, final = chunks
-    assert all(chunk.cursor == old and not chunk.final for chunk in pages)
+    assert all(chunk.cursor == {} and not chunk.final for chunk in pages)
     assert all(len(chunk.records) <= 2 for chunk in pages)
     assert final.final
     assert final.records == []
-    assert final.cursor == {"high_water": "2025-06-25T10:00:09Z"}
-    assert final.meta["skipped"] == 6
-
-
-@pytest.mark.parametrize("cursor", [None, {}], ids=["none", "empty"])
-async def test_without_a_mark_everything_is_emitted(
-    cursor: Mapping[str, Any] | None,
-) -> None:
-    async with FakeUpstream([*TICKERS, *UNDATED]) as upstream:
-        chunks = await read_all(make_source(upstream.url), cursor=cursor)
-
-    assert payloads(chunks) == [*TICKERS, *UNDATED]
-    assert all(chunk.cursor == {} for chunk in chunks[:-1])
-    assert chunks[-1].cursor == {"high_water": "2025-06-25T10:00:09Z"}
-
-
-async def test_the_mark_never_goes_back(fake: FakeUpstream) -> None:
-    old = {"high_water": "2030-01-01T00:00:00+00:00"}
-
-    chunks = await read_all(make_source(fake.url), cursor=old)
-
-    assert chunks == [
-        Chunk([], cursor={"high_water": "2030-01-01T00:00:00Z"}, final=True, meta=chunks[-1].meta)
-    ]
-
-
-async def test_nothing_dated_and_no_mark_gives_an_empty_cursor() -> None:
-    async with FakeUpstream(UNDATED) as upstream:
-        chunks = await read_all(make_source(upstream.url))
-    assert payloads(chunks) == UNDATED
-    assert chunks[-1].cursor == {}
+    # The checkpoint written after the run holds nothing: a mark of an older
+    # version is dropped.
+    assert final.cursor == {}
+    assert final.meta["received"] == len(UNDATED) + len(TICKERS)
 
 
 async def test_records_are_canonical_raw_records(fake: FakeUpstream) -> None:

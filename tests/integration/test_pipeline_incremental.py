@@ -72,13 +72,16 @@ async def test_second_run_over_unchanged_inputs_reads_and_changes_nothing(
 
     second = await run_etl(pool, settings)
     assert second["status"] == "success"
+    # The api and the JSON array are read whole again (they have no offsets):
+    # every record is fetched and is a duplicate. The CSV resumes at its end.
+    assert counts_of(second, "api") == (5, 0, 5, 0, 0)
+    assert counts_of(second, "json") == (4, 0, 4, 0, 0)
+    assert counts_of(second, "csv") == (0, 0, 0, 0, 0)
     for source in ("api", "csv", "json"):
-        assert counts_of(second, source) == (0, 0, 0, 0, 0), source
         assert second["sources"][source]["error"] is None
     assert await raw_counts(pool) == {"api": 5, "csv": 6, "json": 4}
     assert await count(pool, "unified_data") == 15
     assert await unified_rows(pool) == unified_before
-    # The api was asked again (it has no offsets) and its records were skipped.
     assert len(fake.requests) == 2
 
 
@@ -99,8 +102,8 @@ async def test_rows_appended_to_the_csv_are_exactly_what_the_next_run_fetches(
 
     assert run["status"] == "success"
     assert counts_of(run, "csv") == (3, 3, 0, 0, 3)
-    assert counts_of(run, "api") == (0, 0, 0, 0, 0)
-    assert counts_of(run, "json") == (0, 0, 0, 0, 0)
+    assert counts_of(run, "api") == (5, 0, 5, 0, 0)
+    assert counts_of(run, "json") == (4, 0, 4, 0, 0)
     assert await raw_counts(pool) == {"api": 5, "csv": 13, "json": 4}
     payloads = await raw_payloads(pool, "raw_csv_data")
     assert payloads[-3:] == [csv_payload(r) for r in appended]
@@ -220,7 +223,7 @@ async def test_json_lines_appended_lines_are_the_only_ones_fetched(
     assert cursor["offset"] == path.stat().st_size
 
 
-async def test_json_array_rerun_fetches_nothing_then_only_the_newer_record(
+async def test_json_array_rerun_stores_only_the_records_it_has_not_stored(
     pool: asyncpg.Pool[Any], tmp_path: Path
 ) -> None:
     path = tmp_path / "coins.json"
@@ -229,18 +232,21 @@ async def test_json_array_rerun_fetches_nothing_then_only_the_newer_record(
 
     first = await run_etl(pool, settings)
     assert counts_of(first, "json") == (4, 4, 0, 0, 4)
-    assert (await checkpoint(pool, "json") or {}).get("high_water") == "2026-01-03T00:00:03Z"
+    assert await checkpoint(pool, "json") == {"mode": "array"}
 
     again = await run_etl(pool, settings)
-    assert counts_of(again, "json") == (0, 0, 0, 0, 0)
+    assert counts_of(again, "json") == (4, 0, 4, 0, 0)
 
     newer = coin("Json Coin 0", 250.0, "2026-01-04T00:00:00Z")
-    write_json_array(path, [*COINS, newer])
+    # Older than every record of the first read: a real record all the same.
+    older = coin("Json Coin 1", 150.0, "2026-01-01T00:00:00Z")
+    write_json_array(path, [*COINS, newer, older])
     third = await run_etl(pool, settings)
 
-    assert counts_of(third, "json") == (1, 1, 0, 0, 1)
-    assert await count(pool, "raw_third_source_data") == 5
+    assert counts_of(third, "json") == (6, 2, 4, 0, 1)
+    assert await count(pool, "raw_third_source_data") == 6
     assert await count(pool, "unified_data") == 4
     rows = {r["name"]: r["value"] for r in await unified_rows(pool)}
     assert rows["json coin 0"] == 250.0
-    assert (await checkpoint(pool, "json") or {}).get("high_water") == "2026-01-04T00:00:00Z"
+    # The older record is kept in raw and loses to the newer one it met.
+    assert rows["json coin 1"] == 201.0

@@ -192,7 +192,7 @@ def coins(*stamps: str) -> list[dict[str, Any]]:
     ]
 
 
-async def test_json_array_skips_records_at_or_below_the_mark(tmp_path: Path) -> None:
+async def test_json_array_is_read_whole_every_run(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     items = coins("2026-01-01T00:00:02Z", "2026-01-01T00:00:01Z", "2026-01-01T00:00:03Z")
     path.write_text(json.dumps(items), encoding="utf-8")
@@ -200,18 +200,29 @@ async def test_json_array_skips_records_at_or_below_the_mark(tmp_path: Path) -> 
     first = await read_all_json(path, batch_size=2)
 
     assert payloads(first) == items
-    # Records are unordered: the mark moves only in the final, empty chunk.
-    assert [c.cursor.get("high_water") for c in first] == [None, None, "2026-01-01T00:00:03Z"]
+    assert [c.cursor for c in first] == [{"mode": "array"}] * 3
     assert [(len(c.records), c.final) for c in first] == [(2, False), (1, False), (0, True)]
 
-    newer = {"id": "c9", "name": "C9", "current_price": 9, "last_updated": "2026-01-01T00:00:04Z"}
-    older = {"id": "c8", "name": "C8", "current_price": 8, "last_updated": "2026-01-01T00:00:03Z"}
-    path.write_text(json.dumps([*items, older, newer]), encoding="utf-8")
+    # Older than the newest record of the first read, and as old as it: both are
+    # real records, so both are read (raw idempotency makes the repeats duplicates).
+    lagging = {"id": "c8", "name": "C8", "current_price": 8, "last_updated": "2026-01-01T00:00:01Z"}
+    same = {"id": "c2", "name": "C2", "current_price": 2.5, "last_updated": "2026-01-01T00:00:03Z"}
+    path.write_text(json.dumps([*items, lagging, same]), encoding="utf-8")
 
     second = await read_all_json(path, first[-1].cursor)
 
-    assert payloads(second) == [newer]
-    assert second[-1].cursor["high_water"] == "2026-01-01T00:00:04Z"
+    assert payloads(second) == [*items, lagging, same]
+
+
+async def test_json_array_ignores_a_high_water_mark_of_an_older_version(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    items = coins("2026-01-01T00:00:02Z")
+    path.write_text(json.dumps(items), encoding="utf-8")
+
+    chunks = await read_all_json(path, {"high_water": "2030-01-01T00:00:00Z", "mode": "array"})
+
+    assert payloads(chunks) == items
+    assert chunks[-1].cursor == {"mode": "array"}
 
 
 async def test_json_object_with_one_list_is_read_as_its_records(tmp_path: Path) -> None:
