@@ -48,13 +48,15 @@ def prepare(source: SourceConfig, chunk: Chunk, schema: dict[str, str] | None) -
     distinct: dict[bytes, RawRecord] = {}
     for record in chunk.records:
         distinct.setdefault(record.content_hash, record)
-    records = list(distinct.values())
+    received = list(distinct.values())
+    # What raw already holds goes no further. Drift is judged on what is new (the
+    # records raw holds were judged when they came), except under freeze: a
+    # frozen source keeps failing while its upstream sends drifted records,
+    # even the ones it sent before.
+    records = [r for r in received if r.content_hash not in chunk.stored]
+    judged = received if source.drift_policy == "freeze" else records
+    outcome = detect_drift(source, [r.payload for r in judged], schema)
     payloads = [r.payload for r in records]
-    outcome = detect_drift(source, payloads, schema)
-    if chunk.stored:
-        # Drift is judged on everything received; what raw holds goes no further.
-        records = [r for r in records if r.content_hash not in chunk.stored]
-        payloads = [r.payload for r in records]
     hashes = [r.content_hash for r in records]
     if outcome.error is not None:
         # Only the raw records are written (the source fails): as text columns.

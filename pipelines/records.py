@@ -60,8 +60,8 @@ class Chunk:
         cursor: the checkpoint that is true once these records are committed.
         final: the source has nothing more to give in this run.
         stored: content hashes of ``records`` that raw already held when they
-            were read: they count for drift, and are duplicates without being
-            transformed or sent to the batch statement.
+            were read: duplicates, neither transformed nor sent to the batch
+            statement.
     """
 
     records: list[RawRecord]

@@ -5,9 +5,8 @@ every run, and most of them were stored by an earlier run. Preparing them
 (drift, transform, encoding) and sending them to the batch statement only for
 its unique index to refuse them would make an unchanged rerun cost as much as
 the first load; one lookup of their content hashes costs a fraction of that.
-Drift is still judged on every record received (a frozen source must keep
-failing while its upstream is drifted). A record found is a duplicate either
-way; one stored since is refused by the batch statement as before.
+A record found is a duplicate either way; one stored since is refused by the
+batch statement as before.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pipelines.prepare import prepare
 from pipelines.records import Chunk, make_record
 from pipelines.sources.stored import mark_stored
 
-MAPPING = FieldMapping(name="name", value="price", observed_at="at")
+MAPPING = FieldMapping(name="name", value="current_price", observed_at="at")
 SOURCE = SourceConfig(name="json", kind="json", location="x.json", mapping=MAPPING)
 FROZEN = SourceConfig(
     name="json", kind="json", location="x.json", mapping=MAPPING, drift_policy="freeze"
@@ -17,7 +17,7 @@ FROZEN = SourceConfig(
 
 
 def records(*names: str) -> list[dict[str, object]]:
-    return [{"name": n, "price": 1.5, "at": "2026-01-01T00:00:00Z"} for n in names]
+    return [{"name": n, "current_price": 1.5, "at": "2026-01-01T00:00:00Z"} for n in names]
 
 
 async def test_the_lookup_marks_what_raw_holds() -> None:
@@ -57,14 +57,44 @@ def test_stored_records_count_as_fetched_but_are_not_prepared() -> None:
     assert prepared.columns.content_hash == [chunk.records[1].content_hash]
 
 
-def test_drift_is_judged_on_stored_records_too() -> None:
+SCHEMA = {"name": "string", "current_price": "number", "at": "string"}
+
+
+def test_under_freeze_drift_is_judged_on_stored_records_too() -> None:
     # A frozen source keeps failing while its upstream stays drifted, even when
     # every record it sends was stored by an earlier run.
-    renamed = [{"title": "a", "price": 1.5, "at": "2026-01-01T00:00:00Z"}]
+    renamed = [{"title": "a", "current_price": 1.5, "at": "2026-01-01T00:00:00Z"}]
     chunk = Chunk([make_record(p) for p in renamed], {"mode": "array"})
     chunk.stored = frozenset(r.content_hash for r in chunk.records)
 
-    prepared = prepare(FROZEN, chunk, {"name": "string", "price": "number", "at": "string"})
+    prepared = prepare(FROZEN, chunk, SCHEMA)
 
     assert prepared.outcome.error is not None
     assert prepared.columns.content_hash == []
+
+
+def test_under_evolve_drift_is_judged_on_new_records() -> None:
+    # A document that keeps its old records and adds renamed ones: the rename is
+    # followed for the new records; the old ones were judged when they came.
+    old = records("a", "b")
+    new = [{"name": "c", "current_price_usd": 2.5, "at": "2026-01-02T00:00:00Z"}]
+    chunk = Chunk([make_record(p) for p in [*old, *new]], {"mode": "array"})
+    chunk.stored = frozenset(r.content_hash for r in chunk.records[:2])
+
+    prepared = prepare(SOURCE, chunk, SCHEMA)
+
+    assert prepared.outcome.error is None
+    assert [e.kind for e in prepared.outcome.events] == ["renamed"]
+    assert prepared.outcome.mapping.value == "current_price_usd"
+    assert prepared.columns.content_hash == [chunk.records[2].content_hash]
+    assert prepared.fetched == 3
+
+
+def test_under_evolve_an_unchanged_rerun_reports_no_drift() -> None:
+    chunk = Chunk([make_record(p) for p in records("a", "b")], {"mode": "array"})
+    chunk.stored = frozenset(r.content_hash for r in chunk.records)
+
+    prepared = prepare(SOURCE, chunk, SCHEMA)
+
+    assert prepared.outcome.events == []
+    assert prepared.outcome.error is None
