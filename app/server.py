@@ -179,7 +179,7 @@ def run_server(settings: Settings, host: str, port: int) -> int:
     """
     configure_logging(settings.log_format, settings.log_level, stream=sys.stdout)
     url = resolve_database_url(settings)
-    run_migrations(url)
+    run_migrations(url, statement_cache_size=settings.database_statement_cache_size)
     generated: str | None = None
     keys = settings.api_keys
     if not keys:

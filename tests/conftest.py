@@ -25,6 +25,7 @@ from persistence.database import (
     stop_embedded,
     with_database,
 )
+from tests.pgbouncer import MODES, PgBouncer, binary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,3 +83,22 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool[Any]]:
         yield p
     finally:
         await p.close()
+
+
+@pytest.fixture(scope="session", params=MODES)
+def pgbouncer(request: pytest.FixtureRequest, server_url: str) -> Iterator[PgBouncer]:
+    """A real PgBouncer with its defaults in front of the test server, once per
+    pool mode (``session``, ``transaction``)."""
+    if binary() is None:
+        pytest.skip("pgbouncer is not installed (Debian: apt-get install -y pgbouncer)")
+    bouncer = PgBouncer(server_url, request.param)
+    try:
+        yield bouncer
+    finally:
+        bouncer.close()
+
+
+@pytest.fixture
+def bounced_url(database_url: str, pgbouncer: PgBouncer) -> str:
+    """The test's database through PgBouncer."""
+    return pgbouncer.url(database_url)
