@@ -9,7 +9,11 @@ import asyncpg
 import structlog
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR, HTTP_503_SERVICE_UNAVAILABLE
+from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
 from litestar.types import ExceptionHandlersMap
 
 from app.schemas import ErrorBody
@@ -22,6 +26,15 @@ DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.CannotConnectNowError,
     OSError,
     TimeoutError,
+)
+
+# What the database refuses in the values it is given: text it cannot hold
+# (U+0000), a number out of its type's range, a malformed literal. Both the
+# server's errors (SQLSTATE class 22) and asyncpg's own, raised while it
+# encodes an argument.
+DATA_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.DataError,
+    asyncpg.exceptions._base.DataError,
 )
 
 
@@ -67,6 +80,16 @@ def database_unavailable(_: Request[Any, Any, Any], exc: Exception) -> Response[
     return _json(ErrorBody(status_code=HTTP_503_SERVICE_UNAVAILABLE, detail="Database unavailable"))
 
 
+def data_error(_: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    """400: a value of the request that the database cannot take (never a 500)."""
+    log.info(
+        "database_refused_value",
+        error_type=type(exc).__name__,
+        sqlstate=getattr(exc, "sqlstate", None),
+    )
+    return _json(ErrorBody(status_code=HTTP_400_BAD_REQUEST, detail="Invalid parameter value"))
+
+
 def internal_error(_: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     """500 for anything unexpected; the traceback goes to the log only."""
     log.error("unhandled_error", error_type=type(exc).__name__, exc_info=exc)
@@ -83,4 +106,6 @@ def exception_handlers() -> ExceptionHandlersMap:
     }
     for error in DATABASE_UNAVAILABLE:
         handlers[error] = database_unavailable
+    for error in DATA_ERRORS:
+        handlers[error] = data_error
     return handlers

@@ -8,14 +8,17 @@ since, and the page is read again. A page is therefore never older than one
 read from the database at the moment of the request, whoever wrote the change
 (this service's ingestion, a separate ``etl run``, an operator's SQL).
 
-Pages are evicted least recently used first once their text exceeds the byte
-budget (``DATA_CACHE_BYTES``; 0 turns the cache off).
+Pages are evicted least recently used first once the memory they take exceeds
+the byte budget (``DATA_CACHE_BYTES``; 0 turns the cache off). A page's text is
+counted as the bytes its string occupies, not its characters: CPython stores a
+string with one character beyond U+FFFF in four bytes per character.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -28,12 +31,12 @@ PageKey = tuple[str | None, str | None, str | None, int, int]
 """``source``, ``name``, ``after``, ``limit``, ``offset``: what selects a page."""
 
 ENTRY_OVERHEAD_BYTES = 400
-"""What a kept page costs beyond its text: the key, the entry, the dict slot."""
+"""What a kept page costs beyond its strings: the key, the entry, the dict slot."""
 
 
 def _cost(key: PageKey, page: reads.DataPage) -> int:
-    text = len(page.items) + sum(len(part) for part in key[:3] if part is not None)
-    return text + ENTRY_OVERHEAD_BYTES
+    strings = [page.items, page.last_name, *key[:3]]
+    return sum(sys.getsizeof(s) for s in strings if s is not None) + ENTRY_OVERHEAD_BYTES
 
 
 class PageCache:

@@ -10,6 +10,11 @@ import msgspec
 
 MAX_CURSOR_LENGTH = 4096
 """A cursor longer than this was not made by us."""
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]+$"
+"""The characters of a cursor: unpadded base64url."""
+MAX_ID = 2**53 - 1
+"""The largest id a query parameter takes: every integer up to it is exact as
+a JSON number, so the OpenAPI document prints the bound exactly."""
 
 
 class CursorError(ValueError):
@@ -22,7 +27,7 @@ class _Cursor(msgspec.Struct, forbid_unknown_fields=True):
     after: str
 
 
-_ALPHABET = re.compile(r"[A-Za-z0-9_-]+")
+_ALPHABET = re.compile(CURSOR_PATTERN)
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(_Cursor)
 
@@ -47,6 +52,17 @@ def decode_cursor(cursor: str) -> str:
         decoded = _decoder.decode(raw)
     except (binascii.Error, ValueError, msgspec.DecodeError):
         raise CursorError("malformed cursor") from None
-    if decoded.v != 1:
+    if decoded.v != 1 or not _storable(decoded.after):
         raise CursorError("malformed cursor")
     return decoded.after
+
+
+def _storable(text: str) -> bool:
+    """Whether PostgreSQL text can hold ``text``: no U+0000, no lone surrogate."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -16,13 +16,18 @@ SECURITY_SCHEME = "apiKey"
 
 
 def key_matches(provided: str, keys: Iterable[str]) -> bool:
-    """Whether ``provided`` equals one of ``keys``, in time independent of where they differ.
+    """Whether ``provided``, trimmed of spaces and tabs at both ends, equals one
+    of ``keys`` exactly, in time independent of where they differ.
 
-    Every key is compared (no early exit), so timing does not tell which key or
-    how many keys are configured either.
+    HTTP does not count whitespace around a field value as part of it, and the
+    HTTP parsers disagree on whether they strip it (one drops it in front
+    only); trimming both ends here makes ``" key"``, ``"key "`` and ``"key"``
+    the same everywhere. The configured keys are trimmed when read. Every key
+    is compared (no early exit), so timing does not tell which key or how many
+    keys are configured either.
     """
     # Header values arrive decoded as latin-1; compare the bytes that were sent.
-    candidate = provided.encode("latin-1")
+    candidate = provided.strip(" \t").encode("latin-1")
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(candidate, key.encode("utf-8"))

@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -28,6 +29,7 @@ from app.controllers.runs import RunsController
 from app.controllers.system import SystemController
 from app.dependencies import provide_service
 from app.errors import exception_handlers
+from app.http_protocol import BoundedHttpProtocol
 from app.ingestion import RunnerLike
 from app.middleware import RequestContext
 from app.security import API_KEY_HEADER, SECURITY_SCHEME
@@ -142,43 +144,113 @@ def _announce(settings: Settings, url: str, generated_key: str | None) -> None:
     )
 
 
-@contextlib.contextmanager
-def _graceful_signals(server: uvicorn.Server) -> Iterator[None]:
-    """SIGINT/SIGTERM ask the server to stop gracefully; the process then exits 0.
+class StopRequested(BaseException):
+    """SIGINT or SIGTERM arrived before the HTTP server was running.
 
-    uvicorn installs its own handlers while serving and, once stopped, raises the
-    captured signal again so that the previous handler sees it. The previous
-    handler is this one, so the re-raised signal ends nothing and ``serve``
-    returns its exit code normally.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on
+    the way out of a start-up step takes it for an error of that step.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        if server.should_exit and signum == signal.SIGINT:
-            server.force_exit = True
-        server.should_exit = True
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+class _StopSignals:
+    """SIGINT/SIGTERM handling from the first instant of ``serve``.
+
+    Before the HTTP server runs, a signal ends start-up at once (where a step
+    is waiting on the database, the migrations, a connection) by raising
+    :class:`StopRequested`, except inside :meth:`shielded`, where the stop
+    waits for the end of the step. Once the server exists, a signal asks it to
+    stop gracefully: uvicorn installs its own handlers while serving and, once
+    stopped, raises the captured signal again for the previous handler, which
+    is this one, so the re-raised signal ends nothing.
+    """
+
+    def __init__(self) -> None:
+        self.server: uvicorn.Server | None = None
+        self._shielded = False
+        self._pending = False
+
+    def __call__(self, signum: int, _frame: FrameType | None) -> None:
+        server = self.server
+        if server is not None:
+            if server.should_exit and signum == signal.SIGINT:
+                server.force_exit = True
+            server.should_exit = True
+        elif self._shielded:
+            self._pending = True
+        else:
+            raise StopRequested
+
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        """A step a signal must not cut half way; the stop comes right after it."""
+        self._shielded = True
+        try:
+            yield
+        finally:
+            self._shielded = False
+        if self._pending:
+            raise StopRequested
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_StopSignals]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _local_url(host: str, port: int) -> str:
+    """Where a client on this host reaches a server listening on ``host``."""
+    if host in ("", "0.0.0.0"):  # noqa: S104 - the wildcard is recognised, not bound
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return _url(host, port)
+
+
+def _write_address(path: Path, url: str) -> None:
     try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(url + "\n", encoding="utf-8")
+        partial.replace(path)
+    except OSError as exc:
+        log.warning("address_file_not_written", path=str(path), error=exc.strerror or str(exc))
 
 
 def run_server(settings: Settings, host: str, port: int) -> int:
     """``kasparro serve``: migrate, then serve the API and run the ingestion loop.
 
+    SIGINT and SIGTERM are honoured from the first instant: during start-up
+    (the embedded server, the migrations) they end it promptly, once serving
+    they stop the service gracefully; either way the exit code is 0.
+
     Returns:
-        0 after a graceful stop (SIGINT or SIGTERM), 1 when the service could not start.
+        0 after a stop (SIGINT or SIGTERM), 1 when the service could not start.
 
     Raises:
         ConfigError: the database, the sources file or the address is unusable.
     """
+    with _StopSignals().installed() as signals:
+        try:
+            return _serve(settings, host, port, signals)
+        except StopRequested:
+            log.info("service_stopped_during_startup")
+            sys.stdout.flush()
+            return 0
+
+
+def _serve(settings: Settings, host: str, port: int, signals: _StopSignals) -> int:
     configure_logging(settings.log_format, settings.log_level, stream=sys.stdout)
-    url = resolve_database_url(settings)
+    log.info("service_starting")
+    # The embedded server's first start runs initdb: cut half way, it would
+    # leave a data directory that no later start can use.
+    with signals.shielded():
+        url = resolve_database_url(settings)
     run_migrations(url, statement_cache_size=settings.database_statement_cache_size)
     generated: str | None = None
     keys = settings.api_keys
@@ -190,28 +262,36 @@ def run_server(settings: Settings, host: str, port: int) -> int:
     settings = dataclasses.replace(settings, database_url=url, api_keys=keys, host=host, port=port)
     app = create_app(settings)
     sock = _bind(host, port)
-    bound_port = int(sock.getsockname()[1])
-    _announce(settings, _url(host, bound_port), generated)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            interface="asgi3",
-            lifespan="on",
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_SECONDS),
-        )
-    )
+    address_file = settings.serve_address_file
     try:
-        with _graceful_signals(server):
+        bound_port = int(sock.getsockname()[1])
+        if address_file is not None:
+            _write_address(address_file, _local_url(host, bound_port))
+        _announce(settings, _url(host, bound_port), generated)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                interface="asgi3",
+                lifespan="on",
+                http=BoundedHttpProtocol.with_timeout(settings.http_header_timeout_seconds),
+                timeout_keep_alive=settings.http_keep_alive_seconds,
+                log_config=None,
+                access_log=False,
+                server_header=False,
+                timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_SECONDS),
+            )
+        )
+        signals.server = server
+        try:
             server.run(sockets=[sock])
-    except SystemExit as exc:
-        # uvicorn exits this way when the lifespan start-up fails (already logged).
-        log.error("service_start_failed", code=exc.code)
-        return 1
+        except SystemExit as exc:
+            # uvicorn exits this way when the lifespan start-up fails (already logged).
+            log.error("service_start_failed", code=exc.code)
+            return 1
     finally:
         sock.close()
+        if address_file is not None:
+            address_file.unlink(missing_ok=True)
     if not server.started:
         log.error("service_start_failed")
         return 1

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 import msgspec
 
 from pipelines.errors import ConfigError
-from pipelines.settings import Settings, check_http_url
+from pipelines.settings import Settings, check_http_url, variables
 
 Kind = Literal["http", "csv", "json"]
 DriftPolicy = Literal["evolve", "freeze"]
@@ -44,6 +46,8 @@ class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     page_size: int = 0
     drift_policy: DriftPolicy = "evolve"
     headers: dict[str, str] = {}
+    """Sent with every request of an ``http`` source; ``${VAR}`` in a value is
+    replaced by the environment variable ``VAR`` when the file is read."""
     # Set from the order in the file: a smaller number wins ties.
     priority: int = 0
     # The upstream key (``API_SOURCE_KEY``), never read from the file.
@@ -65,15 +69,52 @@ class _SourcesFile(msgspec.Struct, forbid_unknown_fields=True):
 _ENV_OVERRIDES = {"api": "api_source_url", "csv": "csv_source_path", "json": "json_source_path"}
 
 
-def load_sources(settings: Settings) -> list[SourceConfig]:
+_VARIABLE = re.compile(r"\$\{([^}]*)\}")
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _substitute(label: str, headers: dict[str, str], env: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` with each ``${VAR}`` replaced by the variable's value.
+
+    Messages name the header and the variable, never a value: the values are
+    secrets (upstream keys) kept out of the file for that reason.
+    """
+    resolved: dict[str, str] = {}
+    for header, template in headers.items():
+
+        def value_of(match: re.Match[str], header: str = header) -> str:
+            name = match[1]
+            if not _VARIABLE_NAME.fullmatch(name):
+                raise ConfigError(f"{label}: header {header!r}: {match[0]!r} is not ${{NAME}}")
+            value = env.get(name, "")
+            if not value:
+                raise ConfigError(
+                    f"{label}: header {header!r}: environment variable {name} is not set"
+                )
+            return value
+
+        value = _VARIABLE.sub(value_of, template)
+        if "\r" in value or "\n" in value or "\x00" in value:
+            raise ConfigError(f"{label}: header {header!r}: the value holds a line break or NUL")
+        resolved[header] = value
+    return resolved
+
+
+def load_sources(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> list[SourceConfig]:
     """Read, check and resolve the sources file.
 
     Relative file locations resolve against the file's folder; the ``API_SOURCE_URL``,
-    ``CSV_SOURCE_PATH`` and ``JSON_SOURCE_PATH`` settings override the default sources.
+    ``CSV_SOURCE_PATH`` and ``JSON_SOURCE_PATH`` settings override the default sources;
+    ``${VAR}`` in an ``http`` source's headers is replaced by the variable of
+    ``environ`` (by default the process environment over the ``.env`` file).
 
     Raises:
-        ConfigError: the file is missing or invalid; the message names the source and key.
+        ConfigError: the file is missing or invalid, or a header names an unset
+            variable; the message names the source and key.
     """
+    env = variables() if environ is None else environ
     path = settings.sources_file
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -114,15 +155,19 @@ def load_sources(settings: Settings) -> list[SourceConfig]:
         if override is not None:
             location = str(override)
         auth_key = settings.api_source_key if source.name == "api" else None
+        headers = source.headers
         if source.kind == "http":
             check_http_url(f"{label}: location", location)
+            headers = _substitute(label, headers, env)
         else:
             file_path = Path(location).expanduser()
             if not file_path.is_absolute():
                 file_path = base / file_path
             location = str(file_path)
         sources.append(
-            msgspec.structs.replace(source, location=location, priority=index, auth_key=auth_key)
+            msgspec.structs.replace(
+                source, location=location, headers=headers, priority=index, auth_key=auth_key
+            )
         )
     if not sources:
         raise ConfigError(f"SOURCES_FILE: {path}: declares no [[sources]]")

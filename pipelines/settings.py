@@ -7,6 +7,7 @@ points and the result is passed down.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,6 +74,13 @@ class Settings:
     unchanged; 0 = off."""
     host: str = "127.0.0.1"
     port: int = 8000
+    serve_address_file: Path | None = None
+    """Where ``serve`` writes the URL it listens on (removed at exit): the
+    container's health check reads it, so it follows ``--port`` too."""
+    http_header_timeout_seconds: float = 10.0
+    """A connection whose request head is incomplete this long is closed."""
+    http_keep_alive_seconds: int = 5
+    """An idle kept-alive connection is closed after this long."""
     log_format: str = field(
         default_factory=lambda: "json" if not sys.stdout.isatty() else "console"
     )
@@ -147,19 +155,35 @@ def _integer(env: Mapping[str, str], name: str, *, minimum: int) -> int | None:
     return value
 
 
+_PASSWORD_PARAMETER = re.compile(r"(password=)[^&]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (in the user part or a ``password=`` parameter)
+    replaced by ``***``, for messages; works on URLs too malformed to parse."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        # The last @ ends the user part: a password may hold @ or /.
+        userinfo, _, location = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}{':***' if colon else ''}@{location}"
+    return _PASSWORD_PARAMETER.sub(r"\1***", f"{scheme}{sep}{rest}")
+
+
 def check_database_url(name: str, url: str) -> str:
-    """Refuse a URL that is not ``postgresql://…`` with a clear one-line message."""
+    """Refuse a URL that is not ``postgresql://…`` with a clear one-line message
+    (which never shows the URL's password)."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - parsing the port raises on garbage
     except ValueError as exc:
-        raise ConfigError(f"{name}: cannot parse {url!r} ({exc})") from None
+        raise ConfigError(f"{name}: cannot parse {redact_url(url)!r} ({exc})") from None
     if parts.scheme not in ("postgresql", "postgres"):
         raise ConfigError(
             f"{name}: expected postgresql://user:pass@host:port/db, got scheme {parts.scheme!r}"
         )
     if not parts.hostname and "host=" not in parts.query:
-        raise ConfigError(f"{name}: no host in {url!r}")
+        raise ConfigError(f"{name}: no host in {redact_url(url)!r}")
     return url
 
 
@@ -184,6 +208,18 @@ def _existing_file(env: Mapping[str, str], name: str) -> Path | None:
     return path.resolve()
 
 
+def variables(
+    environ: Mapping[str, str] | None = None, *, env_file: Path | None = Path(".env")
+) -> dict[str, str]:
+    """The variables settings are read from: ``environ`` (the process environment
+    by default) over those of the ``.env`` file."""
+    env: dict[str, str] = {}
+    if env_file is not None:
+        env.update(read_env_file(env_file))
+    env.update(os.environ if environ is None else environ)
+    return env
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, *, env_file: Path | None = Path(".env")
 ) -> Settings:
@@ -194,10 +230,7 @@ def load_settings(
     Raises:
         ConfigError: a setting is invalid; the message names it.
     """
-    env: dict[str, str] = {}
-    if env_file is not None:
-        env.update(read_env_file(env_file))
-    env.update(os.environ if environ is None else environ)
+    env = variables(environ, env_file=env_file)
 
     app_env = env.get("APP_ENV", "").strip().lower() or "development"
     if app_env not in ("development", "production", "test"):
@@ -260,6 +293,11 @@ def load_settings(
     pool_size = _integer(env, "DATABASE_POOL_SIZE", minimum=1)
     run_pool_size = _integer(env, "DATABASE_RUN_POOL_SIZE", minimum=2)
     statement_cache = _integer(env, "DATABASE_STATEMENT_CACHE_SIZE", minimum=0)
+    address_file = env.get("SERVE_ADDRESS_FILE", "").strip()
+    header_timeout = _number(env, "HTTP_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0)
+    if header_timeout <= 0:
+        raise ConfigError("HTTP_HEADER_TIMEOUT_SECONDS: must be > 0")
+    keep_alive = _integer(env, "HTTP_KEEP_ALIVE_SECONDS", minimum=1)
 
     return Settings(
         database_url=database_url,
@@ -286,6 +324,9 @@ def load_settings(
         data_cache_bytes=data_cache_bytes if data_cache_bytes is not None else 16 * 1024 * 1024,
         host=env.get("HOST", "").strip() or "127.0.0.1",
         port=port,
+        serve_address_file=Path(address_file).expanduser() if address_file else None,
+        http_header_timeout_seconds=header_timeout,
+        http_keep_alive_seconds=keep_alive if keep_alive is not None else 5,
         log_format=log_format,
         log_level=log_level,
     )
@@ -322,6 +363,9 @@ def environment(settings: Settings) -> dict[str, str]:
         "DATA_CACHE_BYTES": str(settings.data_cache_bytes),
         "HOST": settings.host,
         "PORT": str(settings.port),
+        "SERVE_ADDRESS_FILE": text(settings.serve_address_file),
+        "HTTP_HEADER_TIMEOUT_SECONDS": repr(settings.http_header_timeout_seconds),
+        "HTTP_KEEP_ALIVE_SECONDS": str(settings.http_keep_alive_seconds),
         "LOG_FORMAT": settings.log_format,
         "LOG_LEVEL": settings.log_level,
     }

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from litestar import Controller, Request, get
 from litestar.exceptions import ValidationException
 from litestar.params import QueryParameter
 
 from app.dependencies import ServiceDep
-from app.pagination import CursorError, decode_cursor, encode_cursor
+from app.pagination import (
+    CURSOR_PATTERN,
+    MAX_CURSOR_LENGTH,
+    CursorError,
+    decode_cursor,
+    encode_cursor,
+)
 from app.schemas import (
     DataPage,
     Meta,
@@ -30,6 +37,26 @@ NO_NUL = r"^[^\x00]*$"
 """PostgreSQL text cannot hold U+0000; such a filter is refused (400), never a 500."""
 MAX_OFFSET = 2**31 - 1
 """Deeper offsets are refused (400); cursors page through any depth at constant cost."""
+
+
+PUBLIC_CHECKPOINT_KEYS = ("offset", "high_water")
+"""What ``/stats`` shows of a checkpoint: how far a file was read (bytes) and the
+newest timestamp seen. The rest (the file's head signature, the read mode) is
+the reader's business, and ``/stats`` needs no key."""
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/(?:[^\s/:,;'\"()]+/)*([^\s/:,;'\"()]+)")
+
+
+def public_checkpoint(cursor: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The part of a stored checkpoint that ``/stats`` shows."""
+    if cursor is None:
+        return None
+    return {key: cursor[key] for key in PUBLIC_CHECKPOINT_KEYS if key in cursor}
+
+
+def public_error(error: str | None) -> str | None:
+    """A source's last error without the server's directories: an absolute path
+    is shown by its file name (URLs are left alone)."""
+    return None if error is None else _ABSOLUTE_PATH.sub(r"\1", error)
 
 
 def _bad_parameter(key: str, message: str) -> ValidationException:
@@ -75,7 +102,13 @@ class DataController(Controller):
             ),
         ] = None,
         cursor: Annotated[
-            str | None, QueryParameter(description="Opaque, from a previous next_cursor.")
+            str | None,
+            QueryParameter(
+                description="Opaque, from a previous next_cursor.",
+                min_length=1,
+                max_length=MAX_CURSOR_LENGTH,
+                pattern=CURSOR_PATTERN,
+            ),
         ] = None,
     ) -> DataPage:
         """A page of ``unified_data``; follow ``next_cursor`` to read every row once."""
@@ -135,8 +168,8 @@ class DataController(Controller):
                     last_success_at=s.last_success_at,
                     last_failure_at=s.last_failure_at,
                     raw_records=s.raw_records,
-                    checkpoint=s.checkpoint,
-                    last_error=s.last_error,
+                    checkpoint=public_checkpoint(s.checkpoint),
+                    last_error=public_error(s.last_error),
                 )
                 for name, s in found.sources.items()
             },

@@ -10,6 +10,7 @@ from litestar.params import QueryParameter
 
 from app.controllers.data import NO_NUL, TEXT_MAX
 from app.dependencies import ServiceDep
+from app.pagination import MAX_ID
 from app.schemas import Rejection, RejectionList, RejectionPagination, error_responses
 from app.security import SECURITY_SCHEME, api_key_guard
 from persistence import reads
@@ -36,7 +37,7 @@ class QualityController(Controller):
         ] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=1000, description="Page size.")] = 100,
         after: Annotated[
-            int, QueryParameter(ge=0, le=2**62, description="Rejection id to continue after.")
+            int, QueryParameter(ge=0, le=MAX_ID, description="Rejection id to continue after.")
         ] = 0,
     ) -> RejectionList:
         """Each rejection with the field, the reason and the raw record as stored."""

@@ -352,7 +352,7 @@ def unread_bytes(source: SourceConfig, cursor: Mapping[str, Any] | None) -> int:
 def _check_file(source: SourceConfig) -> Path:
     path = source.path
     if not path.is_file():
-        raise SourceError(f"{source.name}: file not found: {path}")
+        raise SourceError(f"{source.name}: file not found: {path.name}")
     return path
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
@@ -271,6 +272,32 @@ async def test_pages_are_kept_within_the_byte_budget(
         response = await client.get("/data?limit=40", headers=AUTH)
         assert len(response.json()["data"]) == 40
         assert cache.used_bytes <= budget
+
+
+async def test_the_budget_counts_the_memory_pages_take_not_their_characters(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    # One character beyond U+FFFF makes CPython store the whole page's text in
+    # four bytes per character.
+    t = _at(2026, 0)
+    await _insert(pool, [(f"\U0001fa99 coin {i:02}", float(i), "csv", t, t) for i in range(40)])
+    budget = 16 * 1024
+    cache = PageCache(budget)
+    query: dict[str, Any] = {"source": None, "name": None, "after": None}
+    keys = [(limit, offset) for limit in (5, 10) for offset in range(0, 40, limit)]
+    for limit, offset in keys:
+        await cache.page(pool, **query, limit=limit, offset=offset)
+    assert cache.used_bytes <= budget
+    # The pages still kept are those served from memory now (newest first, so
+    # that no read of a page that was not kept evicts one that was): their
+    # strings alone must fit the budget.
+    kept_bytes = 0
+    for limit, offset in reversed(keys):
+        hits = cache.hits
+        page = await cache.page(pool, **query, limit=limit, offset=offset)
+        if cache.hits > hits:
+            kept_bytes += sys.getsizeof(page.items)
+    assert 0 < kept_bytes <= budget
 
 
 async def test_no_page_is_kept_when_the_cache_is_off(

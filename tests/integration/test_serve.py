@@ -283,9 +283,10 @@ async def test_log_lines_are_json_and_the_run_summary_carries_its_counts(
 
 @contextlib.contextmanager
 def served_on_new_database(
-    server_url: str, sources: Path, *, key: str, prefix: str
+    server_url: str, sources: Path, *, key: str, prefix: str, **env: str | int
 ) -> Iterator[Served]:
-    """A ``kasparro serve`` on a database of its own, after its startup run."""
+    """A ``kasparro serve`` on a database of its own, after its startup run;
+    ``env`` adds settings."""
 
     async def admin(statement: str) -> None:
         conn = await asyncpg.connect(server_url)
@@ -298,7 +299,7 @@ def served_on_new_database(
     asyncio.run(admin(f'CREATE DATABASE "{name}"'))
     url = with_database(server_url, name)
     run_migrations(url)
-    served = Served(cli_env(url, sources, API_KEY=key, ETL_INTERVAL_SECONDS=0))
+    served = Served(cli_env(url, sources, API_KEY=key, ETL_INTERVAL_SECONDS=0, **env))
     try:
         served.listening()
         served.wait_for_event("etl_run_finished", 60)

@@ -62,6 +62,9 @@ def test_any_configured_key_matches_and_nothing_else() -> None:
     keys = ("alpha-key", "bravo-key")
     assert key_matches("alpha-key", keys)
     assert key_matches("bravo-key", keys)
-    for wrong in ("", "alpha", "alpha-key ", "ALPHA-KEY", "alpha-key,bravo-key", "é"):
+    # Spaces and tabs around the value are not part of it (both ends alike).
+    for padded in ("alpha-key ", " alpha-key", "\talpha-key\t"):
+        assert key_matches(padded, keys), padded
+    for wrong in ("", "alpha", "alpha -key", "ALPHA-KEY", "alpha-key,bravo-key", "é"):
         assert not key_matches(wrong, keys), wrong
     assert not key_matches("anything", ())

@@ -208,3 +208,26 @@ def test_a_childs_environment_gives_back_the_very_settings(
     assert load_settings(environment(settings), env_file=None) == settings
     # One variable per setting: a new setting cannot be left out of the child's.
     assert len(environment(settings)) == len(dataclasses.fields(settings))
+
+
+MALFORMED_DATABASE_URLS = [
+    "postgresql://kasparro:Pw-s3cret-9@db:notaport/kasparro",
+    "postgresql://kasparro:Pw-s3cret-9@[::1/kasparro",
+    "postgresql://kasparro:Pw-s3cret-9@/kasparro",
+    "postgresql://kasparro:Pw-s3cret-9@db:99999/kasparro",
+    "postgresql://kasparro:Pw@s3cret@9@db:70000/kasparro",
+    "postgresql:///kasparro?user=kasparro&password=Pw-s3cret-9",
+]
+
+
+@pytest.mark.parametrize("name", ["DATABASE_URL", "DATABASE_READ_URL"])
+@pytest.mark.parametrize("url", MALFORMED_DATABASE_URLS)
+def test_a_malformed_database_url_is_refused_without_its_password(
+    sources_file: Path, name: str, url: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"SOURCES_FILE": str(sources_file), name: url}, env_file=None)
+    message = str(refused.value)
+    assert message.startswith(f"{name}: ")
+    assert "s3cret" not in message
+    assert "***" in message
