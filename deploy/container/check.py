@@ -483,7 +483,7 @@ def check_killed_child(make: type[Container], database: str, *, expect_reaped: b
         try:
 
             def child() -> list[tuple[int, str, str]]:
-                return [p for p in container.processes() if "pipelines.process" in p[2]]
+                return [p for p in container.processes() if "app.cli etl run" in p[2]]
 
             def with_parse_process() -> bool:
                 return any("spawn_main" in p[2] for p in container.processes()) and bool(child())
@@ -496,7 +496,7 @@ def check_killed_child(make: type[Container], database: str, *, expect_reaped: b
             family = {
                 pid
                 for pid, _, cmd in container.processes()
-                if "pipelines.process" in cmd or "multiprocessing" in cmd
+                if "app.cli etl run" in cmd or "multiprocessing" in cmd
             }
             (victim, _, _), *_ = child()
             container.exec(
