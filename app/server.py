@@ -144,12 +144,17 @@ def _announce(settings: Settings, url: str, generated_key: str | None) -> None:
     )
 
 
-class StopRequested(BaseException):
+class StopRequested(SystemExit):
     """SIGINT or SIGTERM arrived before the HTTP server was running.
 
-    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on
-    the way out of a start-up step takes it for an error of that step.
+    A SystemExit (code 0): no ``except Exception`` on the way out of a start-up
+    step takes it for an error of that step, and asyncio lets it through where
+    it arrives in the middle of a callback (any other exception there is only
+    logged, and the stop would be lost).
     """
+
+    def __init__(self) -> None:
+        super().__init__(0)
 
 
 class _StopSignals:
