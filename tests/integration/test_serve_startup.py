@@ -53,7 +53,7 @@ def test_sigterm_while_the_migrations_wait_for_the_database_exits_0_at_once(
     tmp_path: Path, silent_database: socket.socket, serve: Callable[[dict[str, str]], Served]
 ) -> None:
     port = silent_database.getsockname()[1]
-    url = f"postgresql://kasparro:pw@127.0.0.1:{port}/kasparro"
+    url = f"postgresql://kasparro:pw@127.0.0.1:{port}/kasparro"  # pragma: allowlist secret
     served = serve(cli_env(url, _sources(tmp_path), API_KEY="startup-key-0123456789"))
     served.wait_for_event("service_starting", timeout=20)
     connection, _ = silent_database.accept()  # the migrations are connecting now
@@ -113,7 +113,7 @@ def test_the_health_check_follows_the_port_actually_served(
     env = cli_env(
         database_url,
         _sources(tmp_path),
-        API_KEY="startup-key-0123456789",
+        API_KEY="startup-key-0123456789",  # pragma: allowlist secret
         ETL_ON_STARTUP="false",
         PORT=unused,
         SERVE_ADDRESS_FILE=address_file,

@@ -16,7 +16,7 @@ from pipelines.errors import ConfigError
 from tests.fakes.upstream import FakeUpstream, Fault
 from tests.helpers import cli_env, make_settings, run_cli, ticker, write_sources
 
-SECRET = "cg-demo-7f3a9c1e5b"
+SECRET = "cg-demo-7f3a9c1e5b"  # pragma: allowlist secret
 TICKERS = [ticker(f"Gecko Coin {i}", 1.0 + i, f"2026-01-02T00:00:{i:02d}Z") for i in range(3)]
 
 
@@ -112,5 +112,5 @@ def test_the_api_source_still_takes_api_source_key(tmp_path: Path) -> None:
     entry = _gecko("http://127.0.0.1:9/t", "{}").replace('name = "gecko"', 'name = "api"')
     settings = make_settings(write_sources(tmp_path, entry), API_SOURCE_KEY="paprika-key")
     (api,) = load_sources(settings, {})
-    assert api.auth_key == "paprika-key"
+    assert api.auth_key == "paprika-key"  # pragma: allowlist secret
     assert api.headers == {}

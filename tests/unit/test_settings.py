@@ -191,8 +191,8 @@ def test_a_childs_environment_gives_back_the_very_settings(
     settings = load_settings(
         {
             "SOURCES_FILE": str(sources_file),
-            "DATABASE_URL": "postgresql://u:p%40ss@db:6432/k",
-            "API_KEY": "one, two",
+            "DATABASE_URL": "postgresql://u:p%40ss@db:6432/k",  # pragma: allowlist secret
+            "API_KEY": "one, two",  # pragma: allowlist secret
             "CSV_SOURCE_PATH": str(tmp_path / "prices.csv"),
             "ETL_INTERVAL_SECONDS": "0.25",
             "ETL_ON_STARTUP": "false",
@@ -211,12 +211,12 @@ def test_a_childs_environment_gives_back_the_very_settings(
 
 
 MALFORMED_DATABASE_URLS = [
-    "postgresql://kasparro:Pw-s3cret-9@db:notaport/kasparro",
-    "postgresql://kasparro:Pw-s3cret-9@[::1/kasparro",
-    "postgresql://kasparro:Pw-s3cret-9@/kasparro",
-    "postgresql://kasparro:Pw-s3cret-9@db:99999/kasparro",
-    "postgresql://kasparro:Pw@s3cret@9@db:70000/kasparro",
-    "postgresql:///kasparro?user=kasparro&password=Pw-s3cret-9",
+    "postgresql://kasparro:Pw-s3cret-9@db:notaport/kasparro",  # pragma: allowlist secret
+    "postgresql://kasparro:Pw-s3cret-9@[::1/kasparro",  # pragma: allowlist secret
+    "postgresql://kasparro:Pw-s3cret-9@/kasparro",  # pragma: allowlist secret
+    "postgresql://kasparro:Pw-s3cret-9@db:99999/kasparro",  # pragma: allowlist secret
+    "postgresql://kasparro:Pw@s3cret@9@db:70000/kasparro",  # pragma: allowlist secret
+    "postgresql:///kasparro?user=kasparro&password=Pw-s3cret-9",  # pragma: allowlist secret
 ]
 
 
