@@ -149,7 +149,7 @@ async def test_a_live_run_keeps_its_sources_by_renewing_its_leases(
     pool: asyncpg.Pool[Any], tmp_path: Path
 ) -> None:
     # A lease of one second and a run of several: only the heartbeat keeps it.
-    write_csv(tmp_path / "a.csv", csv_rows(200_000))
+    write_csv(tmp_path / "a.csv", csv_rows(300_000))
     sources_file = write_sources(tmp_path, csv_entry(tmp_path / "a.csv"))
     first = _runner(pool, sources_file, ETL_LEASE_SECONDS=1, ETL_BATCH_SIZE=2000)
     second = _runner(pool, sources_file, ETL_LEASE_SECONDS=1)
