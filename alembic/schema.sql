@@ -242,6 +242,156 @@ UPDATE alembic_version SET version_num='0006' WHERE alembic_version.version_num 
 
 -- Running upgrade 0006 -> 0007
 
+CREATE SEQUENCE unified_change_seq AS bigint;
+
+ALTER TABLE unified_data ADD COLUMN seq bigint DEFAULT nextval('unified_change_seq') NOT NULL;
+
+ALTER TABLE unified_data ALTER COLUMN seq DROP DEFAULT;
+
+ALTER SEQUENCE unified_change_seq OWNED BY unified_data.seq;
+
+CREATE INDEX ix_unified_data_seq ON unified_data (seq);
+
+CREATE TABLE unified_removals (
+    name text COLLATE "C" NOT NULL,
+    seq bigint NOT NULL,
+    removed_at timestamptz DEFAULT now() NOT NULL,
+    CONSTRAINT pk_unified_removals PRIMARY KEY (name)
+);
+
+CREATE INDEX ix_unified_removals_seq ON unified_removals (seq);
+
+CREATE FUNCTION unified_feed_lock() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- Held to the end of the transaction: numbers are drawn in commit order.
+    PERFORM pg_advisory_xact_lock(7737592561390675300);
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION unified_feed_number() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.seq := nextval('unified_change_seq');
+    IF TG_OP = 'UPDATE' AND NEW.name IS DISTINCT FROM OLD.name THEN
+        -- A rename removes the old name and brings the new one (back).
+        INSERT INTO unified_removals AS r (name, seq)
+        VALUES (OLD.name, nextval('unified_change_seq'))
+        ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, removed_at = now();
+        DELETE FROM unified_removals WHERE name = NEW.name;
+    END IF;
+    RETURN NEW;
+END $$;
+
+CREATE FUNCTION unified_feed_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    lo bigint;
+    hi bigint;
+BEGIN
+    -- A name that comes back is no longer removed (checked only while tombstones exist).
+    IF EXISTS (SELECT FROM unified_removals) THEN
+        DELETE FROM unified_removals r USING new_rows n WHERE r.name = n.name;
+    END IF;
+    SELECT min(seq), max(seq) INTO lo, hi FROM new_rows;
+    IF hi IS NOT NULL THEN
+        PERFORM pg_notify('kasparro_events', json_build_object(
+            'event', 'unified_changed', 'after', lo - 1, 'seq', hi)::text);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION unified_feed_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    lo bigint;
+    hi bigint;
+BEGIN
+    SELECT min(seq) INTO lo FROM new_rows;
+    IF lo IS NOT NULL THEN
+        -- The statement's last number, a rename's tombstone included.
+        hi := currval('unified_change_seq');
+    END IF;
+    IF hi IS NOT NULL THEN
+        PERFORM pg_notify('kasparro_events', json_build_object(
+            'event', 'unified_changed', 'after', lo - 1, 'seq', hi)::text);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION unified_feed_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    lo bigint;
+    hi bigint;
+BEGIN
+    WITH gone AS (
+        INSERT INTO unified_removals AS r (name, seq)
+        SELECT name, nextval('unified_change_seq') FROM old_rows
+        ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, removed_at = now()
+        RETURNING r.seq
+    )
+    SELECT min(seq), max(seq) INTO lo, hi FROM gone;
+    IF hi IS NOT NULL THEN
+        PERFORM pg_notify('kasparro_events', json_build_object(
+            'event', 'unified_changed', 'after', lo - 1, 'seq', hi)::text);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION unified_feed_truncating() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    lo bigint;
+    hi bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7737592561390675300);
+    -- Every row leaves; those written again later in the transaction lose
+    -- their tombstone then.
+    WITH gone AS (
+        INSERT INTO unified_removals AS r (name, seq)
+        SELECT name, nextval('unified_change_seq') FROM unified_data
+        ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, removed_at = now()
+        RETURNING r.seq
+    )
+    SELECT min(seq), max(seq) INTO lo, hi FROM gone;
+    IF hi IS NOT NULL THEN
+        PERFORM pg_notify('kasparro_events', json_build_object(
+            'event', 'unified_changed', 'after', lo - 1, 'seq', hi)::text);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER unified_feed_lock BEFORE INSERT OR UPDATE OR DELETE ON unified_data
+    FOR EACH STATEMENT EXECUTE FUNCTION unified_feed_lock();
+
+CREATE TRIGGER unified_feed_number BEFORE INSERT OR UPDATE ON unified_data
+    FOR EACH ROW EXECUTE FUNCTION unified_feed_number();
+
+CREATE TRIGGER unified_feed_insert AFTER INSERT ON unified_data
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION unified_feed_inserted();
+
+CREATE TRIGGER unified_feed_update AFTER UPDATE ON unified_data
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION unified_feed_updated();
+
+CREATE TRIGGER unified_feed_delete AFTER DELETE ON unified_data
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT
+    EXECUTE FUNCTION unified_feed_deleted();
+
+CREATE TRIGGER unified_feed_truncate BEFORE TRUNCATE ON unified_data
+    FOR EACH STATEMENT EXECUTE FUNCTION unified_feed_truncating();
+
+CREATE FUNCTION etl_runs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM pg_notify('kasparro_events',
+            json_build_object('event', 'run_started', 'id', NEW.id)::text);
+    ELSIF OLD.status = 'running' AND NEW.status <> 'running' THEN
+        PERFORM pg_notify('kasparro_events',
+            json_build_object('event', 'run_finished', 'id', NEW.id)::text);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER etl_runs_events AFTER INSERT OR UPDATE OF status ON etl_runs
+    FOR EACH ROW EXECUTE FUNCTION etl_runs_notify();
+
 UPDATE alembic_version SET version_num='0007' WHERE alembic_version.version_num = '0006';
 
 -- Running upgrade 0007 -> 0008

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -27,7 +28,13 @@ DEFAULT_STOP_TIMEOUT = 6.0
 class RunnerLike(Protocol):
     """What the loop needs of :class:`pipelines.runner.Runner`."""
 
-    async def run(self, trigger: str, names: Sequence[str] | None = None) -> dict[str, Any]:
+    async def run(
+        self,
+        trigger: str,
+        names: Sequence[str] | None = None,
+        *,
+        run_id: uuid.UUID | None = None,
+    ) -> dict[str, Any]:
         """The run object, or ``{"status": "skipped", ...}`` when nothing ran."""
         ...
 
@@ -35,6 +42,14 @@ class RunnerLike(Protocol):
 
     @property
     def running(self) -> bool: ...
+
+
+class RunInProgressError(Exception):
+    """A run of this process is already going (or about to start)."""
+
+
+class StoppingError(Exception):
+    """The service is stopping: no new run starts."""
 
 
 class IngestionLoop:
@@ -70,6 +85,7 @@ class IngestionLoop:
         self.runs_completed = 0
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._on_demand: asyncio.Task[None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -90,18 +106,21 @@ class IngestionLoop:
             ``running`` and is closed as interrupted at the next start).
         """
         self._stopping.set()
-        task = self._task
-        if task is None or task.done():
+        tasks = {t for t in (self._task, self._on_demand) if t is not None and not t.done()}
+        if not tasks:
             return False
-        self.state = "stopping"
+        if self._task in tasks:
+            self.state = "stopping"
         self.runner.request_stop()
-        done, _ = await asyncio.wait({task}, timeout=self.stop_timeout)
-        if done:
+        _, pending = await asyncio.wait(tasks, timeout=self.stop_timeout)
+        if not pending:
             return False
         log.warning("etl_loop_stop_timeout", timeout_seconds=self.stop_timeout)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         return True
 
     async def _main(self) -> None:
@@ -126,6 +145,10 @@ class IngestionLoop:
         # Checked right before the run: the runner clears its stop flag when a run
         # begins, so a stop requested before that moment must be honoured here.
         if self._stopping.is_set():
+            return
+        if self.on_demand_pending:
+            # A run asked for over HTTP is about to start: it stands for this one.
+            log.info("etl_scheduled_run_skipped", reason="a run on demand is starting")
             return
         previous = self.state
         self.state = "running"
@@ -154,3 +177,56 @@ class IngestionLoop:
         # else is a bug and keeps its traceback.
         expected = isinstance(exc, KasparroError)
         log.error("etl_loop_crashed", error=self.last_error, exc_info=None if expected else exc)
+
+    # -- runs on demand (POST /runs) ---------------------------------------
+
+    @property
+    def on_demand_pending(self) -> bool:
+        """A run on demand was started and has not finished."""
+        return self._on_demand is not None and not self._on_demand.done()
+
+    def start_now(self, trigger: str, names: Sequence[str] | None = None) -> uuid.UUID:
+        """Start a run in the background at once, outside the schedule.
+
+        The run goes through the same runner as the scheduled ones (the same
+        per-source coordination with other processes). Its id is drawn here, so
+        the caller knows it before the run is recorded.
+
+        Raises:
+            RunInProgressError: a run of this process is going or about to start.
+            StoppingError: the service is stopping.
+        """
+        if self._stopping.is_set():
+            raise StoppingError()
+        # No await between the check and the task: nothing can slip in between.
+        if self.runner.running or self.on_demand_pending:
+            raise RunInProgressError()
+        run_id = uuid.uuid4()
+        self._on_demand = asyncio.create_task(
+            self._run_on_demand(trigger, names, run_id), name="kasparro-run-on-demand"
+        )
+        return run_id
+
+    async def _run_on_demand(
+        self, trigger: str, names: Sequence[str] | None, run_id: uuid.UUID
+    ) -> None:
+        if self._stopping.is_set():
+            return
+        try:
+            run = await self.runner.run(trigger, names, run_id=run_id)
+        except Exception as exc:
+            self._crashed(exc)
+            return
+        if run.get("status") == SKIPPED:
+            # Every source was held by a run elsewhere: nothing was recorded.
+            log.info("etl_attempt_skipped", trigger=trigger, busy=sorted(run.get("sources") or {}))
+            return
+        self.last_status = str(run.get("status"))
+        self.last_error = None
+        self.runs_completed += 1
+        if self.state == "crashed":
+            # A completed run clears the crash: back to what the schedule is doing.
+            if self._task is None:
+                self.state = "disabled"
+            else:
+                self.state = "finished" if self._task.done() else "scheduled"

@@ -68,9 +68,14 @@ class PageCache:
         after: str | None,
         limit: int,
         offset: int,
+        version: int | None = None,
     ) -> reads.DataPage:
         """The page :func:`persistence.reads.data_page` reads for these arguments,
-        from memory when the data has not changed since it was read."""
+        from memory when the data has not changed since it was read.
+
+        ``version``: the data's version, when the caller read it after the request
+        arrived (it is read here otherwise).
+        """
         read = functools.partial(
             reads.data_page, db, source=source, name=name, after=after, limit=limit, offset=offset
         )
@@ -81,7 +86,8 @@ class PageCache:
         key: PageKey = (source, name, after, limit, offset)
         # Read after this request arrived: whatever is served must show at least
         # every change committed before that.
-        version = await reads.data_version(db)
+        if version is None:
+            version = await reads.data_version(db)
         kept = self._pages.get(key)
         if kept is not None and kept.version == version:
             self.hits += 1

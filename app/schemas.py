@@ -77,6 +77,36 @@ class DataPage(msgspec.Struct):
     meta: Meta
 
 
+class ChangeItem(msgspec.Struct):
+    """One change of ``unified_data``: the row's state after it, or a tombstone
+    (``deleted``, with no state) for a row that left the table. Rendered by the
+    database (``persistence.changes.CHANGE_JSON``); this Struct documents it."""
+
+    seq: int
+    """The change's number: numbers grow in commit order."""
+    name: str
+    value: float | None
+    source: str | None
+    observed_at: datetime | None
+    ingested_at: datetime | None
+    deleted: bool
+    """The row left the table (``etl reprocess`` dropped it, or it was deleted)."""
+
+
+class ChangePage(msgspec.Struct):
+    data: list[ChangeItem]
+    next_after: int
+    """Pass as ``after`` to read the changes that follow this page."""
+
+
+class RunStarted(msgspec.Struct):
+    """``POST /runs``: the run was started in the background."""
+
+    id: str
+    status: str
+    """Always ``running``."""
+
+
 class SourceStats(msgspec.Struct):
     last_success_at: datetime | None
     last_failure_at: datetime | None
@@ -204,6 +234,7 @@ def error_responses(*codes: int) -> dict[int, Any]:
     descriptions = {
         401: "Missing or wrong x-api-key",
         404: "No such run",
+        409: "A run of this process is already in progress",
         503: "The database does not answer",
     }
     return {

@@ -23,12 +23,14 @@ from litestar.di import Provide
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
+from app.controllers.changes import ChangesController
 from app.controllers.data import DataController
 from app.controllers.quality import QualityController
 from app.controllers.runs import RunsController
 from app.controllers.system import SystemController
 from app.dependencies import provide_service
 from app.errors import exception_handlers
+from app.head import HeadAsGet
 from app.http_protocol import BoundedHttpProtocol
 from app.ingestion import RunnerLike
 from app.middleware import RequestContext
@@ -76,7 +78,13 @@ def create_app(
     declared = sources if sources is not None else load_sources(settings)
     service = Service(settings, declared, metrics, pool=pool, runner=runner)
     app = Litestar(
-        route_handlers=[SystemController, DataController, RunsController, QualityController],
+        route_handlers=[
+            SystemController,
+            DataController,
+            RunsController,
+            QualityController,
+            ChangesController,
+        ],
         lifespan=[service],
         state=State({"service": service}),
         dependencies={"service": Provide(provide_service, sync_to_thread=False)},
@@ -99,7 +107,7 @@ def create_app(
     )
     # Wrapped outside the router so that 404/405 answers get the request id and
     # are counted too (Litestar middleware only runs for a matched route).
-    app.asgi_handler = RequestContext(app.asgi_handler, metrics)
+    app.asgi_handler = RequestContext(HeadAsGet(app.asgi_handler), metrics)
     return app
 
 

@@ -89,8 +89,12 @@ class SubprocessRunner:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
 
-    async def run(self, trigger: str, names: Sequence[str] | None = None) -> dict[str, Any]:
+    async def run(
+        self, trigger: str, names: Sequence[str] | None = None, *, run_id: uuid.UUID | None = None
+    ) -> dict[str, Any]:
         """One run in a child process; returns its run object (or the skipped answer).
+
+        ``run_id`` names the run (a new id by default).
 
         Raises:
             RunProcessError: the child ended without a run object (the database
@@ -98,7 +102,7 @@ class SubprocessRunner:
         """
         async with self._lock:
             self._stop_requested = False
-            run_id = uuid.uuid4()
+            run_id = run_id or uuid.uuid4()
             returncode, out, last_error = await self._spawn_and_wait(trigger, names, run_id)
             if returncode < 0:
                 # Killed by a signal (by us, or from elsewhere): it closed nothing.

@@ -40,6 +40,9 @@ NAMING_CONVENTION = {
 #: One sequence for every raw table: ids then follow ingestion order across
 #: sources, which is the last tie-break of the winner rule.
 raw_record_seq = Sequence("raw_record_seq")
+#: The change feed's numbers (migration 0007), drawn by a trigger on every
+#: insert or update of a unified row and for every tombstone.
+unified_change_seq = Sequence("unified_change_seq")
 
 
 class Base(DeclarativeBase):
@@ -96,8 +99,26 @@ class UnifiedData(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=text("now()")
     )
+    # The row's latest change in the feed, set by a trigger (migration 0007);
+    # numbers follow commit order.
+    seq: Mapped[int] = mapped_column(BigInteger)
 
-    __table_args__ = (Index(None, "source", "name"),)
+    __table_args__ = (Index(None, "source", "name"), Index(None, "seq"))
+
+
+class UnifiedRemoval(Base):
+    """A tombstone: a name that left ``unified_data``, numbered in the change feed
+    like a change (migration 0007); it goes when the name comes back."""
+
+    __tablename__ = "unified_removals"
+
+    name: Mapped[str] = mapped_column(Text(collation="C"), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    removed_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )
+
+    __table_args__ = (Index(None, "seq"),)
 
 
 class UnifiedCount(Base):

@@ -6,10 +6,14 @@ import re
 import time
 from typing import Annotated, Any
 
-from litestar import Controller, Request, get
+from litestar import Controller, Request, Response, get
+from litestar.datastructures import ResponseHeader
 from litestar.exceptions import ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import QueryParameter
+from litestar.status_codes import HTTP_304_NOT_MODIFIED
 
+from app import etag
 from app.dependencies import ServiceDep
 from app.pagination import (
     CURSOR_PATTERN,
@@ -66,6 +70,10 @@ def _bad_parameter(key: str, message: str) -> ValidationException:
     )
 
 
+def _not_modified(tag: str) -> Response[Any]:
+    return Response(None, status_code=HTTP_304_NOT_MODIFIED, headers={"etag": tag})
+
+
 class DataController(Controller):
     tags = ("data",)
 
@@ -75,7 +83,19 @@ class DataController(Controller):
         summary="Unified records, ordered by name",
         guards=[api_key_guard],
         security=[{SECURITY_SCHEME: []}],
-        responses=error_responses(401, 503),
+        response_headers=[
+            ResponseHeader(
+                name="etag",
+                description="Changes whenever the page's rows can have changed",
+                documentation_only=True,
+            )
+        ],
+        responses={
+            **error_responses(401, 503),
+            HTTP_304_NOT_MODIFIED: ResponseSpec(
+                data_container=None, description="If-None-Match names the current ETag"
+            ),
+        },
     )
     async def list_data(
         self,
@@ -110,8 +130,11 @@ class DataController(Controller):
                 pattern=CURSOR_PATTERN,
             ),
         ] = None,
-    ) -> DataPage:
-        """A page of ``unified_data``; follow ``next_cursor`` to read every row once."""
+    ) -> Response[DataPage]:
+        """A page of ``unified_data``; follow ``next_cursor`` to read every row once.
+
+        The ``ETag`` changes whenever the page's rows can have changed; send it back
+        in ``If-None-Match`` to get 304 and no body while they have not."""
         after: str | None = None
         if cursor is not None:
             if offset:
@@ -121,15 +144,29 @@ class DataController(Controller):
             except CursorError:
                 raise _bad_parameter("cursor", "malformed cursor") from None
         wanted = canonical_name(name) if name is not None else None
+        query = (source, wanted, after, limit, offset)
+        conditional = request.headers.get("if-none-match")
+        known: int | None = None
         async with service.reading() as pool:
+            if conditional is not None:
+                known = await reads.data_version(pool)
+                tag = etag.data_etag(known, query, service.version)
+                if etag.matches(conditional, tag):
+                    return _not_modified(tag)
             page = await service.data_pages.page(
-                pool, source=source, name=wanted, after=after, limit=limit, offset=offset
+                pool,
+                source=source,
+                name=wanted,
+                after=after,
+                limit=limit,
+                offset=offset,
+                version=known,
             )
         next_cursor = (
             encode_cursor(page.last_name) if page.more and page.last_name is not None else None
         )
         started: float = request.state.started
-        return DataPage(
+        body = DataPage(
             data=rendered_items(page.items),
             pagination=Pagination(
                 limit=limit, offset=offset, total=page.total, next_cursor=next_cursor
@@ -138,6 +175,9 @@ class DataController(Controller):
                 request_id=request.state.request_id,
                 api_latency_ms=round((time.perf_counter() - started) * 1000, 3),
             ),
+        )
+        return Response(
+            body, headers={"etag": etag.data_etag(page.version, query, service.version)}
         )
 
     @get(

@@ -6,13 +6,15 @@ import uuid
 from typing import Annotated
 
 import msgspec
-from litestar import Controller, get
+from litestar import Controller, Response, get, post
 from litestar.exceptions import NotFoundException
-from litestar.params import FromPath, QueryParameter
+from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.status_codes import HTTP_202_ACCEPTED
 
 from app.compare import MEDIAN_WINDOW, compare_runs
+from app.controllers import on_demand
 from app.dependencies import ServiceDep
-from app.schemas import Comparison, Run, RunList, error_responses
+from app.schemas import Comparison, Run, RunList, RunStarted, error_responses
 from app.security import SECURITY_SCHEME, api_key_guard
 from persistence import reads, runs
 
@@ -36,6 +38,23 @@ class RunsController(Controller):
         async with service.reading() as pool:
             found = await runs.list_runs(pool, limit)
         return RunList(data=msgspec.convert(found, list[Run]))
+
+    @post(
+        "/runs",
+        operation_id="startRun",
+        summary="Start a run now",
+        status_code=HTTP_202_ACCEPTED,
+        responses=on_demand.responses(),
+    )
+    async def start_run(
+        self, service: ServiceDep, data: JSONBody[on_demand.RunRequest | None] = None
+    ) -> Response[RunStarted]:
+        """Starts a run (trigger ``api``) in the background and answers at once with its
+        id; follow it with ``GET /runs/{id}`` or ``GET /events``. 409 while a run of
+        this process is going. Sources held by a run elsewhere (another replica, a
+        CronJob) are left out of it, as in every run; when that is all of them,
+        nothing is recorded."""
+        return on_demand.start_run(service, data)
 
     @get(
         "/runs/{run_id:uuid}",

@@ -25,8 +25,8 @@ from tests.helpers import (
 
 
 def without_updated_at(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    # updated_at records when the row was last written, and reprocess writes every row.
-    return [{k: v for k, v in row.items() if k != "updated_at"} for row in rows]
+    # updated_at and seq record when the row was last written, and reprocess writes every row.
+    return [{k: v for k, v in row.items() if k not in ("updated_at", "seq")} for row in rows]
 
 
 def _settings(tmp_path: Path, path: Path, policy: str) -> Settings:
