@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -25,11 +26,13 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from app.controllers.changes import ChangesController
 from app.controllers.data import DataController
+from app.controllers.events import EventsController
 from app.controllers.quality import QualityController
 from app.controllers.runs import RunsController
 from app.controllers.system import SystemController
 from app.dependencies import provide_service
 from app.errors import exception_handlers
+from app.events import EventHub
 from app.head import HeadAsGet
 from app.http_protocol import BoundedHttpProtocol
 from app.ingestion import RunnerLike
@@ -38,6 +41,7 @@ from app.security import API_KEY_HEADER, SECURITY_SCHEME
 from app.service import Service
 from observability.logging import configure_logging
 from observability.metrics import Metrics
+from persistence import changes, runs
 from persistence.database import resolve_database_url, run_migrations
 from pipelines.config import SourceConfig, load_sources
 from pipelines.errors import ConfigError
@@ -77,6 +81,7 @@ def create_app(
     metrics = metrics if metrics is not None else Metrics()
     declared = sources if sources is not None else load_sources(settings)
     service = Service(settings, declared, metrics, pool=pool, runner=runner)
+    events = _event_hub(settings, service)
     app = Litestar(
         route_handlers=[
             SystemController,
@@ -84,9 +89,11 @@ def create_app(
             RunsController,
             QualityController,
             ChangesController,
+            EventsController,
         ],
-        lifespan=[service],
-        state=State({"service": service}),
+        # Left in reverse order: the event streams end before the pools close.
+        lifespan=[service, events],
+        state=State({"service": service, "events": events}),
         dependencies={"service": Provide(provide_service, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
         openapi_config=OpenAPIConfig(
@@ -109,6 +116,40 @@ def create_app(
     # are counted too (Litestar middleware only runs for a matched route).
     app.asgi_handler = RequestContext(HeadAsGet(app.asgi_handler), metrics)
     return app
+
+
+def _event_hub(settings: Settings, service: Service) -> EventHub:
+    async def connect() -> asyncpg.Connection[Any]:
+        url = settings.database_listen_url or service.url or settings.database_url
+        if url is None:
+            raise ConfigError("DATABASE_LISTEN_URL: no database URL to listen on")
+        return await asyncpg.connect(
+            url, timeout=5, server_settings={"application_name": "kasparro-events"}
+        )
+
+    async def fetch_run(run_id: uuid.UUID) -> dict[str, Any] | None:
+        return await runs.get_run(service.pool, run_id)
+
+    async def latest_seq() -> int:
+        return await changes.latest_seq(service.pool)
+
+    return EventHub(connect, fetch_run, latest_seq)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending the event streams as soon as a stop begins.
+
+    uvicorn waits for open responses before it stops the app, and an event
+    stream never ends by itself: the stop would wait for its timeout.
+    """
+
+    def __init__(self, config: uvicorn.Config, events: EventHub) -> None:
+        super().__init__(config)
+        self._events = events
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._events.end_streams()
+        await super().shutdown(sockets)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -281,7 +322,7 @@ def _serve(settings: Settings, host: str, port: int, signals: _StopSignals) -> i
         if address_file is not None:
             _write_address(address_file, _local_url(host, bound_port))
         _announce(settings, _url(host, bound_port), generated)
-        server = uvicorn.Server(
+        server = _Server(
             uvicorn.Config(
                 app,
                 interface="asgi3",
@@ -292,7 +333,8 @@ def _serve(settings: Settings, host: str, port: int, signals: _StopSignals) -> i
                 access_log=False,
                 server_header=False,
                 timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_SECONDS),
-            )
+            ),
+            app.state.events,
         )
         signals.server = server
         try:

@@ -127,6 +127,12 @@ class Service:
             yield self.read_pool
 
     @property
+    def url(self) -> str | None:
+        """The database URL in use (the embedded server's too); ``None`` when a pool
+        was handed in."""
+        return self._url
+
+    @property
     def loop(self) -> IngestionLoop:
         if self._loop is None:
             raise RuntimeError("the service is not started")

@@ -33,6 +33,9 @@ class Settings:
     """External PostgreSQL; ``None`` means the embedded server under ``data_dir``."""
     database_read_url: str | None = None
     """Optional replica for the read endpoints."""
+    database_listen_url: str | None = None
+    """Direct connection for the events listener (LISTEN needs a session of its own,
+    which PgBouncer in transaction mode does not keep); the database URL by default."""
     data_dir: Path = Path(".data")
     """Where the embedded database lives."""
     api_keys: tuple[str, ...] = ()
@@ -72,6 +75,8 @@ class Settings:
     data_cache_bytes: int = 16 * 1024 * 1024
     """Memory for rendered ``/data`` pages, each served again while the data is
     unchanged; 0 = off."""
+    events_keepalive_seconds: float = 15.0
+    """A comment goes down an idle ``/events`` stream this often."""
     host: str = "127.0.0.1"
     port: int = 8000
     serve_address_file: Path | None = None
@@ -243,6 +248,10 @@ def load_settings(
     read_url = env.get("DATABASE_READ_URL", "").strip() or None
     if read_url:
         check_database_url("DATABASE_READ_URL", read_url)
+    listen_url = env.get("DATABASE_LISTEN_URL", "").strip() or None
+    if listen_url:
+        check_database_url("DATABASE_LISTEN_URL", listen_url)
+    keepalive = _number(env, "EVENTS_KEEPALIVE_SECONDS", 15.0, minimum=0.01)
 
     keys = tuple(k.strip() for k in env.get("API_KEY", "").split(",") if k.strip())
     if production and not keys:
@@ -302,6 +311,7 @@ def load_settings(
     return Settings(
         database_url=database_url,
         database_read_url=read_url,
+        database_listen_url=listen_url,
         data_dir=Path(env.get("DATA_DIR", "").strip() or ".data").expanduser(),
         api_keys=keys,
         app_env=app_env,
@@ -322,6 +332,7 @@ def load_settings(
         database_run_pool_size=run_pool_size if run_pool_size is not None else 3,
         database_statement_cache_size=statement_cache if statement_cache is not None else 100,
         data_cache_bytes=data_cache_bytes if data_cache_bytes is not None else 16 * 1024 * 1024,
+        events_keepalive_seconds=keepalive,
         host=env.get("HOST", "").strip() or "127.0.0.1",
         port=port,
         serve_address_file=Path(address_file).expanduser() if address_file else None,
