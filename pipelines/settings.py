@@ -354,6 +354,7 @@ def environment(settings: Settings) -> dict[str, str]:
     return {
         "DATABASE_URL": text(settings.database_url),
         "DATABASE_READ_URL": text(settings.database_read_url),
+        "DATABASE_LISTEN_URL": text(settings.database_listen_url),
         "DATA_DIR": str(settings.data_dir),
         "API_KEY": ",".join(settings.api_keys),
         "APP_ENV": settings.app_env,
@@ -372,6 +373,7 @@ def environment(settings: Settings) -> dict[str, str]:
         "DATABASE_RUN_POOL_SIZE": str(settings.database_run_pool_size),
         "DATABASE_STATEMENT_CACHE_SIZE": str(settings.database_statement_cache_size),
         "DATA_CACHE_BYTES": str(settings.data_cache_bytes),
+        "EVENTS_KEEPALIVE_SECONDS": repr(settings.events_keepalive_seconds),
         "HOST": settings.host,
         "PORT": str(settings.port),
         "SERVE_ADDRESS_FILE": text(settings.serve_address_file),

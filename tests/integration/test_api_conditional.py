@@ -76,9 +76,7 @@ async def test_an_unchanged_page_is_304_and_a_change_gives_200_with_a_new_etag(
     assert other.headers["etag"] != tag
 
     await pool.execute("UPDATE unified_data SET value = 9.5 WHERE name = 'a'")
-    changed = await client.get(
-        "/data", params={"limit": 2}, headers={**AUTH, "if-none-match": tag}
-    )
+    changed = await client.get("/data", params={"limit": 2}, headers={**AUTH, "if-none-match": tag})
     assert changed.status_code == 200
     assert changed.headers["etag"] != tag
     assert changed.json()["data"][0]["value"] == 9.5

@@ -67,7 +67,11 @@ async def _outcome(pool: asyncpg.Pool[Any], run: dict[str, Any]) -> dict[str, An
         for name, s in run["sources"].items()
     }
     unified = [
-        {k: v for k, v in row.items() if k not in ("ingested_at", "updated_at", "raw_id", "run_id", "seq")}
+        {
+            k: v
+            for k, v in row.items()
+            if k not in ("ingested_at", "updated_at", "raw_id", "run_id", "seq")
+        }
         for row in await unified_rows(pool)
     ]
     rejections = await pool.fetch(

@@ -85,3 +85,18 @@ def test_every_curl_in_the_readme_answers_200(served: Served, line: str) -> None
     response = httpx.get(served.url + target.removeprefix("localhost:8000"), headers=headers)
     assert response.status_code == 200, (line, response.text)
     assert response.headers["x-request-id"]
+
+
+def test_the_consumer_loop_of_the_readme_copies_the_table(served: Served) -> None:
+    blocks = re.findall(r"## For consumers\n.*?```python\n(.*?)```", README, flags=re.DOTALL)
+    assert len(blocks) == 1
+    namespace: dict[str, object] = {}
+    exec(blocks[0].replace("your-api-key", KEY), namespace)  # noqa: S102 - our own README
+    with httpx.Client(base_url=served.url, headers={"x-api-key": KEY}) as client:
+        namespace["catch_up"](client)  # type: ignore[operator]
+        rows = client.get("/data", params={"limit": 1000}).json()["data"]
+    copy = namespace["copy"]
+    assert isinstance(copy, dict)
+    assert sorted(copy) == sorted(row["name"] for row in rows) != []
+    assert all(copy[row["name"]]["value"] == row["value"] for row in rows)
+    assert namespace["after"] == max(row["seq"] for row in copy.values())

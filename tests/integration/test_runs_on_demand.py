@@ -60,7 +60,8 @@ class GatedRunner:
             self._real.request_stop()
 
     def open(self) -> None:
-        assert self._loop is not None and self._gate is not None
+        assert self._loop is not None
+        assert self._gate is not None
         self._loop.call_soon_threadsafe(self._gate.set)
 
     async def run(
@@ -93,7 +94,8 @@ class GatedRunner:
 def settings(tmp_path: Path, database_url: str) -> Settings:
     write_csv(tmp_path / "prices.csv", csv_rows(30))
     write_json_array(
-        tmp_path / "coins.json", [coin(f"Coin {i}", i + 0.5, "2026-02-01T00:00:00Z") for i in range(5)]
+        tmp_path / "coins.json",
+        [coin(f"Coin {i}", i + 0.5, "2026-02-01T00:00:00Z") for i in range(5)],
     )
     sources = write_sources(
         tmp_path, csv_entry(tmp_path / "prices.csv"), json_entry(tmp_path / "coins.json")
@@ -116,7 +118,9 @@ async def test_post_runs_needs_the_key_answers_202_then_409_and_records_an_api_r
     settings: Settings, pool: asyncpg.Pool[Any]
 ) -> None:
     runner = GatedRunner(settings)
-    async with AsyncTestClient(app=create_app(settings, metrics=Metrics(), runner=runner)) as client:
+    async with AsyncTestClient(
+        app=create_app(settings, metrics=Metrics(), runner=runner)
+    ) as client:
         assert (await client.post("/runs")).status_code == 401
         assert (await client.post("/runs", headers={"x-api-key": "nope"})).status_code == 401
         assert runner.calls == []
@@ -174,7 +178,9 @@ async def test_post_runs_refuses_a_bad_body_with_400_and_starts_nothing(
     settings: Settings, body: bytes, message: str
 ) -> None:
     runner = GatedRunner(settings)
-    async with AsyncTestClient(app=create_app(settings, metrics=Metrics(), runner=runner)) as client:
+    async with AsyncTestClient(
+        app=create_app(settings, metrics=Metrics(), runner=runner)
+    ) as client:
         response = await client.post(
             "/runs", content=body, headers={**AUTH, "content-type": "application/json"}
         )
