@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from persistence.reads import ITEM_JSON, READ_TIMEOUT_SECONDS
+from persistence.reads import ITEM_JSON, READ_TIMEOUT_SECONDS, SHORTEST_FLOATS
 
 if TYPE_CHECKING:
     from persistence.reads import Executor
@@ -27,13 +27,15 @@ REMOVAL_JSON = """'{"seq":' || seq || ',"name":' || to_json(name)::text
     || ',"value":null,"source":null,"observed_at":null,"ingested_at":null,"deleted":true}'"""
 
 # Each branch is one range scan of its seq index; the page is the first $2 of both.
+# Floats render in their shortest exact form (SHORTEST_FLOATS, as for /data).
 CHANGES_PAGE = f"""
 SELECT '[' || coalesce(string_agg(c.item, ',' ORDER BY c.seq), '') || ']' AS items,
     max(c.seq) AS last_seq, count(*) AS n
-FROM (
+FROM {SHORTEST_FLOATS}
+CROSS JOIN LATERAL (
     SELECT seq, item FROM (
         (SELECT seq, {CHANGE_JSON} AS item
-         FROM unified_data WHERE seq > $1 ORDER BY seq LIMIT $2)
+         FROM unified_data WHERE seq > $1 AND floats.digits IS NOT NULL ORDER BY seq LIMIT $2)
         UNION ALL
         (SELECT seq, {REMOVAL_JSON} AS item
          FROM unified_removals WHERE seq > $1 ORDER BY seq LIMIT $2)

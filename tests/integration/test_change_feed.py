@@ -146,10 +146,10 @@ async def test_a_row_changed_twice_between_two_polls_shows_once_with_its_latest_
     await run_etl(pool, settings)
     consumer = Consumer(client)
     await consumer.poll()
-    for value in (1.5, 2.5, 3.5):
+    for value in (1.5, 2.5, 1 / 3):
         await pool.execute("UPDATE unified_data SET value = $1 WHERE name = 'coin 3'", value)
     changed = await consumer.poll()
-    assert [(i["name"], i["value"]) for i in changed] == [("coin 3", 3.5)]
+    assert [(i["name"], i["value"]) for i in changed] == [("coin 3", 1 / 3)]
 
 
 async def _blocked_or_done(pool: asyncpg.Pool[Any], pid: int, task: asyncio.Task[Any]) -> bool:
