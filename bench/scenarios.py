@@ -1275,6 +1275,13 @@ def profile(ctx: Context) -> None:
     _profile_rows(ctx, "profile_reads", summary)
 
 
+def changes(ctx: Context) -> None:
+    """The load with 100 consumers polling ``/changes`` against the load alone (bench/feed.py)."""
+    from bench.feed import changes as measure_changes
+
+    measure_changes(ctx)
+
+
 SCENARIOS: dict[str, Callable[[Context], None]] = {
     "ingest_csv": ingest_csv,
     "ingest_jsonl": ingest_jsonl,
@@ -1283,6 +1290,7 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "memory": memory,
     "reads": reads,
     "under_load": under_load,
+    "changes": changes,
     "profile": profile,
 }
 DEFAULT = (
@@ -1293,6 +1301,7 @@ DEFAULT = (
     "memory",
     "reads",
     "under_load",
+    "changes",
 )
 
 # Which generated files each scenario reads.
@@ -1304,5 +1313,6 @@ NEEDS: dict[str, set[str]] = {
     "memory": {"csv", "memory_csv"},
     "reads": {"csv"},
     "under_load": {"csv", "csv_second", "csv_third"},
+    "changes": {"csv"},
     "profile": {"csv"},
 }
