@@ -234,6 +234,233 @@ UPDATE alembic_version SET version_num='0004' WHERE alembic_version.version_num 
 
 -- Running upgrade 0004 -> 0005
 
+CREATE TABLE etl_metric_runs (
+    status TEXT NOT NULL, 
+    runs BIGINT DEFAULT 0 NOT NULL, 
+    duration_seconds DOUBLE PRECISION DEFAULT 0 NOT NULL, 
+    CONSTRAINT pk_etl_metric_runs PRIMARY KEY (status)
+);
+
+CREATE TABLE etl_metric_durations (
+    le DOUBLE PRECISION NOT NULL, 
+    runs BIGINT DEFAULT 0 NOT NULL, 
+    CONSTRAINT pk_etl_metric_durations PRIMARY KEY (le)
+);
+
+CREATE TABLE etl_metric_sources (
+    source TEXT NOT NULL, 
+    failures BIGINT DEFAULT 0 NOT NULL, 
+    fetched BIGINT DEFAULT 0 NOT NULL, 
+    raw_inserted BIGINT DEFAULT 0 NOT NULL, 
+    duplicates BIGINT DEFAULT 0 NOT NULL, 
+    rejected BIGINT DEFAULT 0 NOT NULL, 
+    unified_upserted BIGINT DEFAULT 0 NOT NULL, 
+    last_success_at TIMESTAMP WITH TIME ZONE, 
+    CONSTRAINT pk_etl_metric_sources PRIMARY KEY (source)
+);
+
+CREATE TABLE etl_metric_drift (
+    source TEXT NOT NULL, 
+    kind TEXT NOT NULL, 
+    events BIGINT DEFAULT 0 NOT NULL, 
+    CONSTRAINT pk_etl_metric_drift PRIMARY KEY (source, kind)
+);
+
+INSERT INTO etl_metric_durations (le) VALUES (0.1), (0.25), (0.5), (1.0), (2.0), (3.0), (5.0), (7.5), (10.0), (12.5), (15.0), (20.0), (25.0), (30.0), (45.0), (60.0), (90.0), (120.0), (180.0), (300.0), (600.0), (1200.0), (1800.0), (3600.0), ('Infinity');
+
+CREATE FUNCTION etl_metric_runs_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+WITH finished AS (SELECT * FROM new_rows WHERE status IN ('success', 'partial', 'failed'))
+
+, done AS (
+    SELECT id, status, coalesce(finished_at, now()) AS finished_at,
+        greatest(extract(epoch FROM coalesce(finished_at, now()) - started_at), 0)::float8
+            AS seconds
+    FROM finished
+),
+by_status AS (
+    INSERT INTO etl_metric_runs AS m (status, runs, duration_seconds)
+    SELECT status, count(*), sum(seconds) FROM done GROUP BY status
+    ON CONFLICT (status) DO UPDATE SET runs = m.runs + excluded.runs,
+        duration_seconds = m.duration_seconds + excluded.duration_seconds
+),
+by_bucket AS (
+    UPDATE etl_metric_durations AS b SET runs = b.runs + d.runs
+    FROM (
+        SELECT bound.le, count(*) AS runs
+        FROM done CROSS JOIN LATERAL (
+            SELECT min(le) AS le FROM etl_metric_durations WHERE le >= done.seconds
+        ) AS bound
+        GROUP BY bound.le
+    ) AS d
+    WHERE b.le = d.le
+)
+INSERT INTO etl_metric_sources AS m (source, last_success_at)
+SELECT s.source, max(done.finished_at)
+FROM done JOIN etl_run_sources AS s ON s.run_id = done.id
+WHERE s.status = 'success'
+GROUP BY s.source
+ON CONFLICT (source) DO UPDATE
+    SET last_success_at = greatest(m.last_success_at, excluded.last_success_at);
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION etl_metric_runs_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+WITH finished AS (
+    SELECT n.* FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id
+    WHERE n.status IN ('success', 'partial', 'failed') AND o.status NOT IN ('success', 'partial', 'failed')
+)
+
+, done AS (
+    SELECT id, status, coalesce(finished_at, now()) AS finished_at,
+        greatest(extract(epoch FROM coalesce(finished_at, now()) - started_at), 0)::float8
+            AS seconds
+    FROM finished
+),
+by_status AS (
+    INSERT INTO etl_metric_runs AS m (status, runs, duration_seconds)
+    SELECT status, count(*), sum(seconds) FROM done GROUP BY status
+    ON CONFLICT (status) DO UPDATE SET runs = m.runs + excluded.runs,
+        duration_seconds = m.duration_seconds + excluded.duration_seconds
+),
+by_bucket AS (
+    UPDATE etl_metric_durations AS b SET runs = b.runs + d.runs
+    FROM (
+        SELECT bound.le, count(*) AS runs
+        FROM done CROSS JOIN LATERAL (
+            SELECT min(le) AS le FROM etl_metric_durations WHERE le >= done.seconds
+        ) AS bound
+        GROUP BY bound.le
+    ) AS d
+    WHERE b.le = d.le
+)
+INSERT INTO etl_metric_sources AS m (source, last_success_at)
+SELECT s.source, max(done.finished_at)
+FROM done JOIN etl_run_sources AS s ON s.run_id = done.id
+WHERE s.status = 'success'
+GROUP BY s.source
+ON CONFLICT (source) DO UPDATE
+    SET last_success_at = greatest(m.last_success_at, excluded.last_success_at);
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION etl_metric_sources_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+WITH changed AS (
+    SELECT n.source, n.run_id, n.status, NULL::text AS was_status, n.fetched, n.raw_inserted, n.duplicates, n.rejected, n.unified_upserted, NULL::bigint AS was_fetched, NULL::bigint AS was_raw_inserted, NULL::bigint AS was_duplicates, NULL::bigint AS was_rejected, NULL::bigint AS was_unified_upserted
+    FROM new_rows AS n
+)
+
+INSERT INTO etl_metric_sources AS m (source, failures, fetched, raw_inserted, duplicates, rejected, unified_upserted, last_success_at)
+SELECT c.source,
+    count(*) FILTER (WHERE c.status = 'failed' AND c.was_status IS DISTINCT FROM 'failed'),
+    sum(greatest(c.fetched - coalesce(c.was_fetched, 0), 0)), sum(greatest(c.raw_inserted - coalesce(c.was_raw_inserted, 0), 0)), sum(greatest(c.duplicates - coalesce(c.was_duplicates, 0), 0)), sum(greatest(c.rejected - coalesce(c.was_rejected, 0), 0)), sum(greatest(c.unified_upserted - coalesce(c.was_unified_upserted, 0), 0)),
+    max(r.finished_at) FILTER (
+        WHERE c.status = 'success' AND c.was_status IS DISTINCT FROM 'success'
+            AND r.status IN ('success', 'partial', 'failed')
+    )
+FROM changed AS c LEFT JOIN etl_runs AS r ON r.id = c.run_id
+GROUP BY c.source
+ON CONFLICT (source) DO UPDATE SET failures = m.failures + excluded.failures, fetched = m.fetched + excluded.fetched, raw_inserted = m.raw_inserted + excluded.raw_inserted, duplicates = m.duplicates + excluded.duplicates, rejected = m.rejected + excluded.rejected, unified_upserted = m.unified_upserted + excluded.unified_upserted,
+    last_success_at = greatest(m.last_success_at, excluded.last_success_at);
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION etl_metric_sources_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+WITH changed AS (
+    SELECT n.source, n.run_id, n.status, o.status AS was_status, n.fetched, n.raw_inserted, n.duplicates, n.rejected, n.unified_upserted, o.fetched AS was_fetched, o.raw_inserted AS was_raw_inserted, o.duplicates AS was_duplicates, o.rejected AS was_rejected, o.unified_upserted AS was_unified_upserted
+    FROM new_rows AS n JOIN old_rows AS o ON o.run_id = n.run_id AND o.source = n.source
+)
+
+INSERT INTO etl_metric_sources AS m (source, failures, fetched, raw_inserted, duplicates, rejected, unified_upserted, last_success_at)
+SELECT c.source,
+    count(*) FILTER (WHERE c.status = 'failed' AND c.was_status IS DISTINCT FROM 'failed'),
+    sum(greatest(c.fetched - coalesce(c.was_fetched, 0), 0)), sum(greatest(c.raw_inserted - coalesce(c.was_raw_inserted, 0), 0)), sum(greatest(c.duplicates - coalesce(c.was_duplicates, 0), 0)), sum(greatest(c.rejected - coalesce(c.was_rejected, 0), 0)), sum(greatest(c.unified_upserted - coalesce(c.was_unified_upserted, 0), 0)),
+    max(r.finished_at) FILTER (
+        WHERE c.status = 'success' AND c.was_status IS DISTINCT FROM 'success'
+            AND r.status IN ('success', 'partial', 'failed')
+    )
+FROM changed AS c LEFT JOIN etl_runs AS r ON r.id = c.run_id
+GROUP BY c.source
+ON CONFLICT (source) DO UPDATE SET failures = m.failures + excluded.failures, fetched = m.fetched + excluded.fetched, raw_inserted = m.raw_inserted + excluded.raw_inserted, duplicates = m.duplicates + excluded.duplicates, rejected = m.rejected + excluded.rejected, unified_upserted = m.unified_upserted + excluded.unified_upserted,
+    last_success_at = greatest(m.last_success_at, excluded.last_success_at);
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION etl_metric_drift_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+INSERT INTO etl_metric_drift AS m (source, kind, events)
+SELECT source, kind, count(*) FROM new_rows GROUP BY source, kind
+ON CONFLICT (source, kind) DO UPDATE SET events = m.events + excluded.events;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER etl_metric_runs_insert AFTER INSERT ON etl_runs REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION etl_metric_runs_inserted();
+
+CREATE TRIGGER etl_metric_runs_update AFTER UPDATE ON etl_runs REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION etl_metric_runs_updated();
+
+CREATE TRIGGER etl_metric_sources_insert AFTER INSERT ON etl_run_sources REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION etl_metric_sources_inserted();
+
+CREATE TRIGGER etl_metric_sources_update AFTER UPDATE ON etl_run_sources REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION etl_metric_sources_updated();
+
+CREATE TRIGGER etl_metric_drift_insert AFTER INSERT ON etl_drift_events REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION etl_metric_drift_inserted();
+
+WITH finished AS (SELECT * FROM etl_runs WHERE status IN ('success', 'partial', 'failed'))
+
+, done AS (
+    SELECT id, status, coalesce(finished_at, started_at) AS finished_at,
+        greatest(extract(epoch FROM coalesce(finished_at, started_at) - started_at), 0)::float8
+            AS seconds
+    FROM finished
+),
+by_status AS (
+    INSERT INTO etl_metric_runs AS m (status, runs, duration_seconds)
+    SELECT status, count(*), sum(seconds) FROM done GROUP BY status
+    ON CONFLICT (status) DO UPDATE SET runs = m.runs + excluded.runs,
+        duration_seconds = m.duration_seconds + excluded.duration_seconds
+),
+by_bucket AS (
+    UPDATE etl_metric_durations AS b SET runs = b.runs + d.runs
+    FROM (
+        SELECT bound.le, count(*) AS runs
+        FROM done CROSS JOIN LATERAL (
+            SELECT min(le) AS le FROM etl_metric_durations WHERE le >= done.seconds
+        ) AS bound
+        GROUP BY bound.le
+    ) AS d
+    WHERE b.le = d.le
+)
+INSERT INTO etl_metric_sources AS m (source, last_success_at)
+SELECT s.source, max(done.finished_at)
+FROM done JOIN etl_run_sources AS s ON s.run_id = done.id
+WHERE s.status = 'success'
+GROUP BY s.source
+ON CONFLICT (source) DO UPDATE
+    SET last_success_at = greatest(m.last_success_at, excluded.last_success_at);
+
+WITH changed AS (
+    SELECT n.source, n.run_id, n.status, NULL::text AS was_status, n.fetched, n.raw_inserted, n.duplicates, n.rejected, n.unified_upserted, NULL::bigint AS was_fetched, NULL::bigint AS was_raw_inserted, NULL::bigint AS was_duplicates, NULL::bigint AS was_rejected, NULL::bigint AS was_unified_upserted
+    FROM etl_run_sources AS n
+)
+
+INSERT INTO etl_metric_sources AS m (source, failures, fetched, raw_inserted, duplicates, rejected, unified_upserted, last_success_at)
+SELECT c.source,
+    count(*) FILTER (WHERE c.status = 'failed' AND c.was_status IS DISTINCT FROM 'failed'),
+    sum(greatest(c.fetched - coalesce(c.was_fetched, 0), 0)), sum(greatest(c.raw_inserted - coalesce(c.was_raw_inserted, 0), 0)), sum(greatest(c.duplicates - coalesce(c.was_duplicates, 0), 0)), sum(greatest(c.rejected - coalesce(c.was_rejected, 0), 0)), sum(greatest(c.unified_upserted - coalesce(c.was_unified_upserted, 0), 0)),
+    max(r.finished_at) FILTER (
+        WHERE c.status = 'success' AND c.was_status IS DISTINCT FROM 'success'
+            AND r.status IN ('success', 'partial', 'failed')
+    )
+FROM changed AS c LEFT JOIN etl_runs AS r ON r.id = c.run_id
+GROUP BY c.source
+ON CONFLICT (source) DO UPDATE SET failures = m.failures + excluded.failures, fetched = m.fetched + excluded.fetched, raw_inserted = m.raw_inserted + excluded.raw_inserted, duplicates = m.duplicates + excluded.duplicates, rejected = m.rejected + excluded.rejected, unified_upserted = m.unified_upserted + excluded.unified_upserted,
+    last_success_at = greatest(m.last_success_at, excluded.last_success_at);
+
+INSERT INTO etl_metric_drift (source, kind, events)
+SELECT source, kind, count(*) FROM etl_drift_events GROUP BY source, kind;
+
 UPDATE alembic_version SET version_num='0005' WHERE alembic_version.version_num = '0004';
 
 -- Running upgrade 0005 -> 0006

@@ -25,7 +25,7 @@ from app.ingestion import DEFAULT_STOP_TIMEOUT, IngestionLoop, RunnerLike
 from app.page_cache import PageCache
 from app.subprocess_runner import SubprocessRunner
 from observability.metrics import Metrics
-from persistence import reads
+from persistence import metric_totals, reads
 from persistence.database import create_pool, resolve_database_url
 from pipelines.config import SourceConfig
 from pipelines.runner import Runner
@@ -35,6 +35,8 @@ log = structlog.get_logger("kasparro.service")
 
 HEALTH_TIMEOUT_SECONDS = 1.0
 """The database check of ``/health`` gives up after this long."""
+METRICS_TIMEOUT_SECONDS = 2.0
+"""A scrape gives up reading the etl_* figures after this long (and says so)."""
 POOL_CLOSE_TIMEOUT_SECONDS = 5.0
 PRIMARY_POOL_SIZE = 2
 """Connections of the service's primary pool: the health check, and releasing the
@@ -241,3 +243,21 @@ class Service:
             return DatabaseCheck(ok=False, last_status=None, latency_ms=None)
         latency = round((time.perf_counter() - started) * 1000, 3)
         return DatabaseCheck(ok=True, last_status=status, latency_ms=latency)
+
+    async def metric_totals(self) -> metric_totals.EtlTotals | None:
+        """The etl_* figures from the primary database, or ``None`` when it does
+        not answer within :data:`METRICS_TIMEOUT_SECONDS` (a scrape then still
+        serves this process's own metrics)."""
+        try:
+            async with asyncio.timeout(METRICS_TIMEOUT_SECONDS):
+                conn = await self.pool.acquire()
+                try:
+                    return await metric_totals.read_totals(conn)
+                except BaseException:
+                    conn.terminate()
+                    raise
+                finally:
+                    await self.pool.release(conn)
+        except Exception as exc:
+            log.warning("metrics_db_read_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            return None

@@ -36,7 +36,7 @@ import structlog
 from observability.metrics import Metrics
 from persistence import runs
 from pipelines.errors import KasparroError
-from pipelines.runner import SKIPPED, skipped
+from pipelines.runner import skipped
 from pipelines.settings import Settings, environment
 
 log = structlog.get_logger("kasparro.subprocess_runner")
@@ -58,7 +58,8 @@ class SubprocessRunner:
         settings: the service settings, with ``database_url`` resolved (the
             embedded server's URL when that is in use).
         pool: a pool of the service, to release the run of a child it killed.
-        metrics: the service's metrics, counted from each run object.
+        metrics: the service's metrics (the etl_* ones are read from the database,
+            so nothing is counted here).
     """
 
     def __init__(self, settings: Settings, pool: asyncpg.Pool[Any], metrics: Metrics) -> None:
@@ -118,8 +119,6 @@ class SubprocessRunner:
                 raise RunProcessError(
                     last_error or f"the run's process exited with {returncode} and no result"
                 )
-            if run["status"] != SKIPPED:
-                self.metrics.observe_run(run, await self._unified_total())
             return run
 
     def _command(self, trigger: str, names: Sequence[str] | None, run_id: uuid.UUID) -> list[str]:
@@ -147,7 +146,6 @@ class SubprocessRunner:
             start_new_session=True,
         )
         self._process = process
-        self.metrics.running.set(1)
         try:
             if self._stop_requested:
                 self.request_stop()
@@ -167,7 +165,6 @@ class SubprocessRunner:
             await asyncio.shield(self._release(run_id))
             raise
         finally:
-            self.metrics.running.set(0)
             self._process = None
 
     async def _release(self, run_id: uuid.UUID) -> None:
@@ -185,13 +182,6 @@ class SubprocessRunner:
             return
         for closed_id in closed:
             log.warning("run_interrupted_closed", closed_run_id=str(closed_id))
-
-    async def _unified_total(self) -> int | None:
-        try:
-            async with asyncio.timeout(CLEANUP_SECONDS):
-                return await runs.unified_total(self.pool)
-        except Exception:  # a gauge left as it was
-            return None
 
 
 async def _relay(stream: asyncio.StreamReader) -> str | None:

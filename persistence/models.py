@@ -252,3 +252,51 @@ class EtlDriftEvent(Base):
     )
 
     __table_args__ = (Index(None, "run_id", "source"),)
+
+
+# Totals the etl_* metrics read, kept by statement triggers on etl_runs,
+# etl_run_sources and etl_drift_events (migration 0005).
+
+
+class EtlMetricRuns(Base):
+    """Finished runs per final status, and the sum of their durations."""
+
+    __tablename__ = "etl_metric_runs"
+
+    status: Mapped[str] = mapped_column(Text, primary_key=True)
+    runs: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    duration_seconds: Mapped[float] = mapped_column(Double, server_default=text("0"))
+
+
+class EtlMetricDurations(Base):
+    """Finished runs per duration bucket (upper bound ``le``; not cumulative)."""
+
+    __tablename__ = "etl_metric_durations"
+
+    le: Mapped[float] = mapped_column(Double, primary_key=True)
+    runs: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+
+class EtlMetricSources(Base):
+    """Per source: failures in runs, record counts, the last successful run's finish."""
+
+    __tablename__ = "etl_metric_sources"
+
+    source: Mapped[str] = mapped_column(Text, primary_key=True)
+    failures: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    fetched: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    raw_inserted: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    duplicates: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    rejected: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    unified_upserted: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    last_success_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class EtlMetricDrift(Base):
+    """Schema drift events per source and kind."""
+
+    __tablename__ = "etl_metric_drift"
+
+    source: Mapped[str] = mapped_column(Text, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text, primary_key=True)
+    events: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))

@@ -188,8 +188,6 @@ class Runner:
             for s in wanted
             if s.name in opened.taken
         ]
-        if self.metrics is not None:
-            self.metrics.running.set(1)
         heartbeat = asyncio.create_task(self._heartbeat(run_id, states, log_))
         try:
             await self._ingest(run_id, states, log_)
@@ -204,12 +202,8 @@ class Runner:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-            if self.metrics is not None:
-                self.metrics.running.set(0)
         run = await runs.get_run(self.pool, run_id)
         assert run is not None
-        if self.metrics is not None:
-            self.metrics.observe_run(run, await runs.unified_total(self.pool))
         log_.info(
             "etl_run_finished",
             status=run["status"],

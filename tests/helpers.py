@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 
-from observability.metrics import Metrics
+from observability.metrics import Metrics, exposition
+from persistence.metric_totals import read_totals
 from pipelines.config import load_sources
 from pipelines.runner import Runner
 from pipelines.settings import Settings, load_settings
@@ -200,6 +202,26 @@ async def unified_row(pool: asyncpg.Pool[Any], name: str) -> dict[str, Any] | No
 async def checkpoint(pool: asyncpg.Pool[Any], source: str) -> dict[str, Any] | None:
     raw = await pool.fetchval("SELECT cursor FROM etl_checkpoint WHERE source = $1", source)
     return None if raw is None else dict(json.loads(raw))
+
+
+#: Samples of a text exposition: (name, sorted labels) -> value.
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+DRIFT_KINDS = ("added", "missing", "renamed", "type_changed")
+
+
+def parse_samples(text: str) -> Samples:
+    found: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def db_metric_samples(pool: asyncpg.Pool[Any], sources: Sequence[str]) -> Samples:
+    """The etl_* samples a scrape of any replica would show now (read from the database)."""
+    text = exposition(Metrics(), await read_totals(pool), sources, DRIFT_KINDS)
+    return parse_samples(text.decode())
 
 
 async def wait_for(

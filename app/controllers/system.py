@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import typing
+
 from litestar import Controller, MediaType, Response, get
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
-from prometheus_client import generate_latest
 
 from app.dependencies import ServiceDep
 from app.schemas import Health, Root
+from observability.metrics import exposition
+from pipelines.drift import EventKind
+
+#: Every kind of schema drift event: each is exported from the first scrape.
+DRIFT_KINDS = typing.get_args(EventKind)
 
 #: The text exposition format 0.0.4, which every Prometheus scraper reads
 #: (Litestar appends ``; charset=utf-8``).
@@ -67,5 +73,8 @@ class SystemController(Controller):
         media_type=MediaType.TEXT,
     )
     async def metrics(self, service: ServiceDep) -> Response[bytes]:
-        """Prometheus text exposition format of this process's registry."""
-        return Response(generate_latest(service.metrics.registry), media_type=METRICS_CONTENT_TYPE)
+        """Prometheus text exposition format: this process's metrics, and the etl_*
+        figures read from the database (``etl_metrics_db_up 0`` when it does not answer)."""
+        totals = await service.metric_totals()
+        body = exposition(service.metrics, totals, service.source_names, DRIFT_KINDS)
+        return Response(body, media_type=METRICS_CONTENT_TYPE)

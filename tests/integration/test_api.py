@@ -1125,7 +1125,7 @@ async def test_a_crashing_loop_is_visible_and_the_api_stays_up(settings: Setting
         assert (await client.get("/")).status_code == 200
         assert (await client.get("/data", headers=AUTH)).status_code == 200
         samples = metric_samples((await client.get("/metrics")).text)
-        assert samples[("etl_loop_crashes_total", ())] == 1
+        assert samples[("kasparro_loop_crashes_total", ())] == 1
     assert runner.calls == 1
 
 

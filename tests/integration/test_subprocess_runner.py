@@ -17,8 +17,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.subprocess_runner import RunProcessError, SubprocessRunner
 from observability.metrics import Metrics
@@ -27,20 +25,12 @@ from tests.helpers import (
     count,
     csv_entry,
     csv_rows,
+    db_metric_samples,
     make_settings,
     wait_for,
     write_csv,
     write_sources,
 )
-
-
-def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = generate_latest(metrics.registry).decode()
-    found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
 
 
 async def _stored_any(pool: asyncpg.Pool[Any]) -> bool:
@@ -108,7 +98,7 @@ async def test_a_run_in_a_child_returns_its_run_object_and_counts_its_metrics(
     stored = await runs.get_run(pool, uuid.UUID(run["id"]))
     assert stored is not None
     assert (stored["status"], stored["sources"]) == (run["status"], run["sources"])
-    samples = _samples(runner.metrics)
+    samples = await db_metric_samples(pool, ["csv"])
     assert samples[("etl_runs_total", (("status", "partial"),))] == 1
     assert samples[("etl_records_total", (("source", "csv"), ("stage", "fetched")))] == 41
     assert samples[("etl_unified_records", ())] == 40
@@ -132,7 +122,8 @@ async def test_a_child_that_finds_every_source_busy_records_and_counts_nothing(
         "sources": {"csv": {"status": "busy", "held_by": str(holder)}},
     }
     assert await count(pool, "etl_runs") == 1
-    assert ("etl_runs_total", (("status", "success"),)) not in _samples(runner.metrics)
+    samples = await db_metric_samples(pool, ["csv"])
+    assert samples[("etl_runs_total", (("status", "success"),))] == 0
 
 
 async def test_a_stop_mid_run_commits_the_batch_in_flight_and_closes_the_run(
@@ -182,7 +173,7 @@ async def test_cancelling_a_run_kills_its_child_reaps_it_and_closes_the_run_at_o
     assert not await asyncio.to_thread(Path(f"/proc/{pid}").exists)
     assert _zombies_of_this_process() == []
     await _closed_as_interrupted(pool)
-    assert _samples(runner.metrics)[("etl_run_in_progress", ())] == 0
+    assert (await db_metric_samples(pool, ["csv"]))[("etl_run_in_progress", ())] == 0
 
 
 async def test_a_child_killed_from_outside_has_its_run_closed_at_once(
@@ -255,4 +246,5 @@ async def test_a_database_that_cannot_be_reached_is_one_expected_error(
     )
     with pytest.raises(RunProcessError, match=r"Connect call failed|refused"):
         await runner.run("schedule")
-    assert ("etl_runs_total", (("status", "failed"),)) not in _samples(runner.metrics)
+    samples = await db_metric_samples(pool, ["csv"])
+    assert samples[("etl_runs_total", (("status", "failed"),))] == 0
