@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 import uuid
@@ -12,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from observability.logging import configure_logging
+from observability.logging import StatusLine, configure_logging, status_line
 from persistence.batches import BatchCounts, reset_checkpoint
 from persistence.database import create_pool, resolve_database_url, run_migrations
 from pipelines.config import load_sources, select_sources
@@ -86,18 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_printer(enabled: bool) -> Any:
-    if not enabled:
+def _progress_line(enabled: bool) -> contextlib.AbstractContextManager[StatusLine | None]:
+    """The terminal's progress line on stderr, or nothing off a terminal."""
+    return status_line(sys.stderr) if enabled else contextlib.nullcontext()
+
+
+def _progress_printer(line: StatusLine | None) -> Any:
+    if line is None:
         return None
     totals: dict[str, BatchCounts] = {}
 
     def show(source: str, counts: BatchCounts) -> None:
         totals[source] = counts
-        line = "  ".join(
-            f"{name}: {c.fetched} read, {c.raw_inserted} new" for name, c in totals.items()
-        )
-        sys.stderr.write(f"\r{line}\033[K")
-        sys.stderr.flush()
+        parts = (f"{name}: {c.fetched} read, {c.raw_inserted} new" for name, c in totals.items())
+        line.show("  ".join(parts))
 
     return show
 
@@ -146,18 +149,18 @@ async def _etl_run(args: argparse.Namespace, settings: Settings) -> int:
     await asyncio.to_thread(_migrate, settings, url)
     pool = await _pool(settings, url, settings.database_run_pool_size)
     interactive = not args.json and sys.stdout.isatty() and sys.stderr.isatty()
-    runner = Runner(pool, settings, sources, None, progress=_progress_printer(interactive))
-    loop = asyncio.get_running_loop()
-    # SIGTERM (a scheduler, the service that started this run) stops the run
-    # gracefully: the batch in flight commits and the run is closed.
-    loop.add_signal_handler(signal.SIGTERM, runner.request_stop)
-    try:
-        run = await runner.run(args.trigger, names or None, run_id=args.run_id)
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
-        await pool.close()
-    if interactive:
-        sys.stderr.write("\n")
+    # Log lines go to stderr too: each ends the progress line before it is written.
+    with _progress_line(interactive) as line:
+        runner = Runner(pool, settings, sources, None, progress=_progress_printer(line))
+        loop = asyncio.get_running_loop()
+        # SIGTERM (a scheduler, the service that started this run) stops the run
+        # gracefully: the batch in flight commits and the run is closed.
+        loop.add_signal_handler(signal.SIGTERM, runner.request_stop)
+        try:
+            run = await runner.run(args.trigger, names or None, run_id=args.run_id)
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+            await pool.close()
     if args.json:
         sys.stdout.write(msgspec.json.encode(run).decode() + "\n")
     elif run["status"] == SKIPPED:
@@ -191,19 +194,17 @@ async def _etl_reprocess(settings: Settings) -> int:
     url = resolve_database_url(settings)
     await asyncio.to_thread(_migrate, settings, url)
     pool = await _pool(settings, url, settings.database_run_pool_size)
-    interactive = sys.stdout.isatty() and sys.stderr.isatty()
+    with _progress_line(sys.stdout.isatty() and sys.stderr.isatty()) as line:
 
-    def show(source: str, total: int) -> None:
-        sys.stderr.write(f"\r{source}: {total} unified rows\033[K")
-        sys.stderr.flush()
+        def show(source: str, total: int) -> None:
+            assert line is not None
+            line.show(f"{source}: {total} unified rows")
 
-    try:
-        written = await reprocess(pool, sources, progress=show if interactive else None)
-        total = await pool.fetchval("SELECT count(*) FROM unified_data")
-    finally:
-        await pool.close()
-    if interactive:
-        sys.stderr.write("\n")
+        try:
+            written = await reprocess(pool, sources, progress=show if line is not None else None)
+            total = await pool.fetchval("SELECT count(*) FROM unified_data")
+        finally:
+            await pool.close()
     print(
         f"unified_data rebuilt from raw: {total} rows "
         f"({', '.join(f'{k}: {v} written' for k, v in written.items())})"

@@ -104,16 +104,18 @@ class SubprocessRunner:
         async with self._lock:
             self._stop_requested = False
             run_id = run_id or uuid.uuid4()
-            returncode, out, last_error = await self._spawn_and_wait(trigger, names, run_id)
-            if returncode < 0:
-                # Killed by a signal (by us, or from elsewhere): it closed nothing.
-                await self._release(run_id)
-                if self._stop_requested and returncode == -signal.SIGTERM:
-                    return skipped({})  # stopped before the run began: nothing recorded
-                raise RunProcessError(
-                    f"the run's process was killed by signal {-returncode}; "
-                    "the run is closed as interrupted"
-                )
+            # This process takes part in the run too: its lines carry the run's id.
+            with structlog.contextvars.bound_contextvars(run_id=str(run_id)):
+                returncode, out, last_error = await self._spawn_and_wait(trigger, names, run_id)
+                if returncode < 0:
+                    # Killed by a signal (by us, or from elsewhere): it closed nothing.
+                    await self._release(run_id)
+                    if self._stop_requested and returncode == -signal.SIGTERM:
+                        return skipped({})  # stopped before the run began: nothing recorded
+                    raise RunProcessError(
+                        f"the run's process was killed by signal {-returncode}; "
+                        "the run is closed as interrupted"
+                    )
             run = _run_object(out)
             if run is None:
                 raise RunProcessError(
@@ -181,7 +183,7 @@ class SubprocessRunner:
             log.warning("run_release_failed", run_id=str(run_id), error=_one_line(exc))
             return
         for closed_id in closed:
-            log.warning("run_interrupted_closed", closed_run_id=str(closed_id))
+            log.warning("run_interrupted_closed", run_id=str(closed_id))
 
 
 async def _relay(stream: asyncio.StreamReader) -> str | None:

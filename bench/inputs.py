@@ -35,6 +35,7 @@ class Sizes:
     http_records: int
     http_pages: int
     noop_http_records: int
+    scrape_runs: int
     read_seconds: float
     warmup_seconds: float
     rounds: int = 1
@@ -59,6 +60,7 @@ FULL = Sizes(
     http_records=100_000,
     http_pages=100,
     noop_http_records=10_000,
+    scrape_runs=1_000_000,
     read_seconds=5.0,
     warmup_seconds=1.0,
     rounds=3,
@@ -76,6 +78,7 @@ QUICK = Sizes(
     http_records=10_000,
     http_pages=10,
     noop_http_records=10_000,
+    scrape_runs=100_000,
     read_seconds=3.0,
     warmup_seconds=0.5,
 )

@@ -9,14 +9,16 @@ input against another fresh database on the same server. Reads start
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import shutil
 import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -554,6 +556,119 @@ def noop_http(ctx: Context) -> None:
         "rerun": rerun.summary(),
         "empty": base.summary(),
     }
+
+
+_FILL_RUNS = """
+INSERT INTO etl_runs (id, trigger, status, started_at, finished_at)
+SELECT gen_random_uuid(), 'schedule',
+    CASE WHEN i % 50 = 0 THEN 'failed' WHEN i % 10 = 0 THEN 'partial' ELSE 'success' END,
+    timestamptz '2026-01-01' + make_interval(secs => i * 300),
+    timestamptz '2026-01-01' + make_interval(secs => i * 300 + 0.2 + (i % 300) / 10.0)
+FROM generate_series(1, $1::int) AS i
+"""
+_FILL_SOURCES = """
+INSERT INTO etl_run_sources (run_id, source, position, status, fetched, raw_inserted,
+    duplicates, rejected, unified_upserted, started_at, finished_at)
+SELECT r.id, s.name, s.position,
+    CASE WHEN r.status = 'failed' OR (r.status = 'partial' AND s.name = 'api') THEN 'failed'
+        ELSE 'success' END,
+    100, 10, 90, 1, 10, r.started_at, r.finished_at
+FROM etl_runs AS r CROSS JOIN (VALUES ('api', 0), ('csv', 1), ('json', 2)) AS s(name, position)
+"""
+
+
+def _timed_gets(base: str, paths: Sequence[str], rounds: int) -> dict[str, list[float]]:
+    """Milliseconds of ``rounds`` sequential GETs of each path, in turns, on one connection."""
+    parts = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    try:
+        for _ in range(rounds):
+            for path in paths:
+                began = time.perf_counter()
+                conn.request("GET", path)
+                response = conn.getresponse()
+                response.read()
+                times[path].append((time.perf_counter() - began) * 1000)
+                if response.status != 200:
+                    raise BenchError(f"GET {path} answered {response.status}")
+    finally:
+        conn.close()
+    return times
+
+
+def metrics_scrape(ctx: Context) -> None:
+    """``GET /metrics`` on a database holding a million runs, against ``GET /health``.
+
+    The runs are written at the migration before the metric totals, then the
+    database is upgraded: the totals are backfilled from them, and what the
+    upgrade costs on such a database is a figure too.
+    """
+    from persistence.database import alembic_upgrade, run_migrations
+
+    runs = ctx.sizes.scrape_runs
+    url = ctx.server.create("metrics_scrape")
+    alembic_upgrade(url, "0004")
+    ctx.log(f"  writing {runs:,} runs of three sources each")
+    began = time.perf_counter()
+    asyncio.run(_execute(url, (_FILL_RUNS, runs), (_FILL_SOURCES,), ("VACUUM ANALYZE",)))
+    ctx.log(f"    {time.perf_counter() - began:.1f}s")
+    began = time.perf_counter()
+    run_migrations(url)
+    upgrade = time.perf_counter() - began
+    ctx.log(f"  upgrade to the newest migration (totals backfilled): {upgrade:.1f}s")
+    with Service(ctx, url, "metrics-scrape", {"SOURCES_FILE": str(ctx.inputs.sources_file)}) as svc:
+        _timed_gets(svc.base, ["/metrics", "/health"], 20)  # warm up
+        times = _timed_gets(svc.base, ["/metrics", "/health"], 300)
+        _, text = _get_text(svc.base + "/metrics")
+    counted = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("etl_runs_total{")
+    )
+    if counted != runs:
+        raise BenchError(f"/metrics counts {counted:g} runs, the database holds {runs:,}")
+    scrape, health = sorted(times["/metrics"]), sorted(times["/health"])
+    add = ctx.results.add
+    for label, q in (("p50", 0.5), ("p99", 0.99)):
+        add(
+            Row(
+                "metrics_scrape",
+                f"GET /metrics {label} with {runs:,} runs [300 sequential]",
+                _quantile(scrape, q),
+                "ms",
+                "GET /health (one query)",
+                _quantile(health, q),
+            )
+        )
+    add(
+        Row(
+            "metrics_scrape",
+            f"migration to the newest with {runs:,} runs (totals backfilled)",
+            upgrade,
+            "s",
+        )
+    )
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _get_text(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - local URL
+        return response.status, response.read().decode()
+
+
+async def _execute(url: str, *statements: tuple[Any, ...]) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        for sql, *args in statements:
+            await conn.execute(sql, *args)
+    finally:
+        await conn.close()
 
 
 def memory(ctx: Context) -> None:
@@ -1287,6 +1402,7 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "ingest_jsonl": ingest_jsonl,
     "ingest_http": ingest_http,
     "noop_http": noop_http,
+    "metrics_scrape": metrics_scrape,
     "memory": memory,
     "reads": reads,
     "under_load": under_load,
@@ -1298,6 +1414,7 @@ DEFAULT = (
     "ingest_jsonl",
     "ingest_http",
     "noop_http",
+    "metrics_scrape",
     "memory",
     "reads",
     "under_load",
@@ -1310,6 +1427,7 @@ NEEDS: dict[str, set[str]] = {
     "ingest_jsonl": {"jsonl"},
     "ingest_http": set(),
     "noop_http": set(),
+    "metrics_scrape": set(),
     "memory": {"csv", "memory_csv"},
     "reads": {"csv"},
     "under_load": {"csv", "csv_second", "csv_third"},

@@ -148,8 +148,12 @@ class Runner:
         recording the run at all propagate.
         """
         async with self._lock:
+            run_id = run_id or uuid.uuid4()
+            # Every line written during the run carries its id, the lines of the
+            # tasks and threads it starts too (they copy the context).
             try:
-                return await self._run(trigger, names, run_id or uuid.uuid4())
+                with structlog.contextvars.bound_contextvars(run_id=str(run_id)):
+                    return await self._run(trigger, names, run_id)
             finally:
                 # Cleared after the run, not before: a stop asked while the run
                 # was being set up (SIGTERM to `etl run`, say) is not lost.
@@ -164,7 +168,7 @@ class Runner:
         log_ = log.bind(run_id=str(run_id))
         started = time.monotonic()
         self._read_total = 0
-        await self._close_interrupted(log_)
+        await self._close_interrupted(run_id, log_)
         if self._stop.is_set():
             log_.info("etl_run_stopped_before_start", trigger=trigger)
             return skipped({})
@@ -182,6 +186,7 @@ class Runner:
         if not opened.taken:
             log_.info("etl_run_skipped", trigger=trigger, busy=sorted(opened.busy))
             return skipped(opened.busy)
+        log_.info("etl_run_started", trigger=trigger, sources=opened.taken)
         committed = await batches.load_checkpoints(self.pool, opened.taken)
         states = [
             _SourceState(s, *committed.get(s.name, ({}, None)))
@@ -224,7 +229,7 @@ class Runner:
         )
         return run
 
-    async def _close_interrupted(self, log_: Any) -> None:
+    async def _close_interrupted(self, run_id: uuid.UUID, log_: Any) -> None:
         """Close the runs of processes that are gone, within a bound; a failure
         leaves them for the next run (their sources stay busy meanwhile)."""
         try:
@@ -237,7 +242,10 @@ class Runner:
             log_.warning("run_close_interrupted_failed", error=_one_line(exc))
             return
         for stale in closed:
-            log_.warning("run_interrupted_closed", closed_run_id=str(stale))
+            # A line of the run it ends, as much as of the run that ended it.
+            log_.warning(
+                "run_interrupted_closed", run_id=str(stale), closed_by_run_id=str(run_id)
+            )
 
     async def _abandon(self, run_id: uuid.UUID, log_: Any) -> None:
         """Release this run's leases and close it as interrupted, within a bound."""
@@ -251,7 +259,10 @@ class Runner:
             log_.warning("run_release_failed", error=_one_line(exc))
             return
         for stale in closed:
-            log_.warning("run_interrupted_closed", closed_run_id=str(stale))
+            # A line of the run it ends, as much as of the run that ended it.
+            log_.warning(
+                "run_interrupted_closed", run_id=str(stale), closed_by_run_id=str(run_id)
+            )
 
     async def _heartbeat(
         self, run_id: uuid.UUID, states: Sequence[_SourceState], log_: Any
