@@ -243,9 +243,7 @@ class Runner:
             return
         for stale in closed:
             # A line of the run it ends, as much as of the run that ended it.
-            log_.warning(
-                "run_interrupted_closed", run_id=str(stale), closed_by_run_id=str(run_id)
-            )
+            log_.warning("run_interrupted_closed", run_id=str(stale), closed_by_run_id=str(run_id))
 
     async def _abandon(self, run_id: uuid.UUID, log_: Any) -> None:
         """Release this run's leases and close it as interrupted, within a bound."""
@@ -260,9 +258,7 @@ class Runner:
             return
         for stale in closed:
             # A line of the run it ends, as much as of the run that ended it.
-            log_.warning(
-                "run_interrupted_closed", run_id=str(stale), closed_by_run_id=str(run_id)
-            )
+            log_.warning("run_interrupted_closed", run_id=str(stale), closed_by_run_id=str(run_id))
 
     async def _heartbeat(
         self, run_id: uuid.UUID, states: Sequence[_SourceState], log_: Any
