@@ -1,17 +1,21 @@
 """Service settings, read once from the environment (and a ``.env`` file).
 
-Nothing here runs at import time: :func:`load_settings` is called by the entry
-points and the result is passed down.
+Each setting is declared once, on :class:`Settings`: its variable, how its text
+is parsed and checked, its default and a line saying what it does. Nothing here
+runs at import time: :func:`load_settings` is called by the entry points and the
+result is passed down.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from pipelines.errors import ConfigError
@@ -22,74 +26,185 @@ DEFAULT_API_URL = "https://api.coinpaprika.com/v1/tickers"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_LOG_LEVELS = {"debug", "info", "warning", "error", "critical"}
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+Parse = Callable[[str, str], Any]
+"""Turns a variable's text (stripped, never empty) into its value; raises
+:class:`ConfigError` naming the variable."""
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _bool(name: str, raw: str) -> bool:
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _number(minimum: float, *, above: bool = False) -> Parse:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+        if not value >= minimum or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name}: must be a finite number >= {minimum:g}, got {raw!r}")
+        if above and value == minimum:
+            raise ConfigError(f"{name}: must be > {minimum:g}")
+        return value
+
+    return parse
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Parse:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{name}: must be >= {minimum}, got {raw!r}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{name}: expected {minimum}..{maximum}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _choice(*allowed: str, message: str | None = None) -> Parse:
+    def parse(name: str, raw: str) -> str:
+        value = raw.lower()
+        if value not in allowed:
+            expected = message or f"one of {sorted(allowed)}"
+            raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _keys(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+def _path(name: str, raw: str) -> Path:
+    return Path(raw).expanduser()
+
+
+def _existing_file(name: str, raw: str) -> Path:
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{name}: file not found: {raw}")
+    return path.resolve()
+
+
+def _database_url(name: str, raw: str) -> str:
+    return check_database_url(name, raw)
+
+
+def _http_url(name: str, raw: str) -> str:
+    return check_http_url(name, raw)
+
+
+def _default_sources_file() -> Path:
+    local = Path("sources.toml")
+    return local.resolve() if local.is_file() else DEFAULT_SOURCES_FILE
+
+
+def _default_log_format() -> str:
+    return "console" if sys.stdout.isatty() else "json"
+
+
+def _env(variable: str, parse: Parse, default: Any = None, *, factory: Any = None) -> Any:
+    """A setting read from ``variable``; unset or blank gives the default."""
+    metadata = {"env": variable, "parse": parse}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Every setting of contract section 2, parsed and checked."""
+    """Every setting of the service, parsed and checked."""
 
-    database_url: str | None = None
+    database_url: str | None = _env("DATABASE_URL", _database_url)
     """External PostgreSQL; ``None`` means the embedded server under ``data_dir``."""
-    database_read_url: str | None = None
+    database_read_url: str | None = _env("DATABASE_READ_URL", _database_url)
     """Optional replica for the read endpoints."""
-    database_listen_url: str | None = None
+    database_listen_url: str | None = _env("DATABASE_LISTEN_URL", _database_url)
     """Direct connection for the events listener (LISTEN needs a session of its own,
     which PgBouncer in transaction mode does not keep); the database URL by default."""
-    data_dir: Path = Path(".data")
+    data_dir: Path = _env("DATA_DIR", _path, Path(".data"))
     """Where the embedded database lives."""
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = _env("API_KEY", _keys, ())
     """Inbound keys accepted in ``x-api-key``; empty means one is generated at start."""
-    app_env: str = "development"
+    app_env: str = _env(
+        "APP_ENV",
+        _choice("development", "production", "test", message="development or production"),
+        "development",
+    )
     """``production`` turns on the strict checks."""
-    sources_file: Path = DEFAULT_SOURCES_FILE
-    """The TOML file that declares the sources."""
-    api_source_url: str | None = None
+    sources_file: Path = _env("SOURCES_FILE", _existing_file, factory=_default_sources_file)
+    """The TOML file that declares the sources (``sources.toml`` here, else the repository's)."""
+    api_source_url: str | None = _env("API_SOURCE_URL", _http_url)
     """Overrides the location of the ``api`` source."""
-    api_source_key: str | None = None
+    api_source_key: str | None = _env("API_SOURCE_KEY", _text)
     """Upstream key for the ``api`` source, sent as ``Authorization``."""
-    csv_source_path: Path | None = None
+    csv_source_path: Path | None = _env("CSV_SOURCE_PATH", _existing_file)
     """Overrides the location of the ``csv`` source."""
-    json_source_path: Path | None = None
+    json_source_path: Path | None = _env("JSON_SOURCE_PATH", _existing_file)
     """Overrides the location of the ``json`` source."""
-    etl_interval_seconds: float = 300.0
+    etl_interval_seconds: float = _env("ETL_INTERVAL_SECONDS", _number(0), 300.0)
     """Pause between runs of the ingestion loop; 0 means only the startup run."""
-    etl_on_startup: bool = True
+    etl_on_startup: bool = _env("ETL_ON_STARTUP", _bool, True)
     """Run once as soon as the service starts."""
-    etl_fail_after_records: int | None = None
+    etl_fail_after_records: int | None = _env("ETL_FAIL_AFTER_RECORDS", _integer(0))
     """Controlled failure after this many records read in a run (never in production)."""
-    etl_batch_size: int = 10_000
+    etl_batch_size: int = _env("ETL_BATCH_SIZE", _integer(1), 10_000)
     """Records per batch (one transaction each)."""
-    etl_parse_process_min_bytes: int = 8 * 1024 * 1024
+    etl_parse_process_min_bytes: int = _env(
+        "ETL_PARSE_PROCESS_MIN_BYTES", _integer(0), 8 * 1024 * 1024
+    )
     """A file source with at least this much left to read is parsed in a process
     of its own, in parallel with the writes; 0 = always."""
-    etl_lease_seconds: float = 30.0
+    etl_lease_seconds: float = _env("ETL_LEASE_SECONDS", _number(1), 30.0)
     """How long a run's claim on a source lasts unless renewed (every third of
     it): how soon the sources of a run whose process died are free again."""
-    database_pool_size: int = 10
+    database_pool_size: int = _env("DATABASE_POOL_SIZE", _integer(1), 10)
     """Connections the service's API reads may use at once."""
-    database_run_pool_size: int = 3
+    database_run_pool_size: int = _env("DATABASE_RUN_POOL_SIZE", _integer(2), 3)
     """Connections of one run (``etl run``, the service's run, ``etl reprocess``)."""
-    database_statement_cache_size: int = 100
+    database_statement_cache_size: int = _env("DATABASE_STATEMENT_CACHE_SIZE", _integer(0), 100)
     """Prepared statements kept per connection; 0 behind a transaction pooler."""
-    data_cache_bytes: int = 16 * 1024 * 1024
+    data_cache_bytes: int = _env("DATA_CACHE_BYTES", _integer(0), 16 * 1024 * 1024)
     """Memory for rendered ``/data`` pages, each served again while the data is
     unchanged; 0 = off."""
-    events_keepalive_seconds: float = 15.0
+    events_keepalive_seconds: float = _env("EVENTS_KEEPALIVE_SECONDS", _number(0.01), 15.0)
     """A comment goes down an idle ``/events`` stream this often."""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    serve_address_file: Path | None = None
+    host: str = _env("HOST", _text, "127.0.0.1")
+    """Where ``serve`` listens."""
+    port: int = _env("PORT", _integer(0, 65535), 8000)
+    """The port ``serve`` listens on (0: any free port)."""
+    serve_address_file: Path | None = _env("SERVE_ADDRESS_FILE", _path)
     """Where ``serve`` writes the URL it listens on (removed at exit): the
     container's health check reads it, so it follows ``--port`` too."""
-    http_header_timeout_seconds: float = 10.0
-    """A connection whose request head is incomplete this long is closed."""
-    http_keep_alive_seconds: int = 5
-    """An idle kept-alive connection is closed after this long."""
-    log_format: str = field(
-        default_factory=lambda: "json" if not sys.stdout.isatty() else "console"
+    http_header_timeout_seconds: float = _env(
+        "HTTP_HEADER_TIMEOUT_SECONDS", _number(0, above=True), 10.0
     )
-    log_level: str = "info"
+    """A connection whose request head is incomplete this long is closed."""
+    http_keep_alive_seconds: int = _env("HTTP_KEEP_ALIVE_SECONDS", _integer(1), 5)
+    """An idle kept-alive connection is closed after this long."""
+    log_format: str = _env(
+        "LOG_FORMAT",
+        _choice("json", "console", message="json or console"),
+        factory=_default_log_format,
+    )
+    """``json`` lines, or ``console`` for a terminal (the default on one)."""
+    log_level: str = _env("LOG_LEVEL", _choice(*_LOG_LEVELS), "info")
+    """The lowest level logged."""
 
     @property
     def production(self) -> bool:
@@ -121,43 +236,6 @@ def read_env_file(path: Path) -> dict[str, str]:
             value = value.split(" #", 1)[0].rstrip()
         values[key.strip()] = value
     return values
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ConfigError(f"{name}: expected true or false, got {env[name]!r}")
-
-
-def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
-    if not value >= minimum or value != value or value in (float("inf"), float("-inf")):
-        raise ConfigError(f"{name}: must be a finite number >= {minimum:g}, got {raw!r}")
-    return value
-
-
-def _integer(env: Mapping[str, str], name: str, *, minimum: int) -> int | None:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name}: must be >= {minimum}, got {raw!r}")
-    return value
 
 
 _PASSWORD_PARAMETER = re.compile(r"(password=)[^&]*", re.IGNORECASE)
@@ -203,16 +281,6 @@ def check_http_url(name: str, url: str) -> str:
     return url
 
 
-def _existing_file(env: Mapping[str, str], name: str) -> Path | None:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return None
-    path = Path(raw).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{name}: file not found: {raw}")
-    return path.resolve()
-
-
 def variables(
     environ: Mapping[str, str] | None = None, *, env_file: Path | None = Path(".env")
 ) -> dict[str, str]:
@@ -236,149 +304,36 @@ def load_settings(
         ConfigError: a setting is invalid; the message names it.
     """
     env = variables(environ, env_file=env_file)
-
-    app_env = env.get("APP_ENV", "").strip().lower() or "development"
-    if app_env not in ("development", "production", "test"):
-        raise ConfigError(f"APP_ENV: expected development or production, got {app_env!r}")
-    production = app_env == "production"
-
-    database_url = env.get("DATABASE_URL", "").strip() or None
-    if database_url:
-        check_database_url("DATABASE_URL", database_url)
-    read_url = env.get("DATABASE_READ_URL", "").strip() or None
-    if read_url:
-        check_database_url("DATABASE_READ_URL", read_url)
-    listen_url = env.get("DATABASE_LISTEN_URL", "").strip() or None
-    if listen_url:
-        check_database_url("DATABASE_LISTEN_URL", listen_url)
-    keepalive = _number(env, "EVENTS_KEEPALIVE_SECONDS", 15.0, minimum=0.01)
-
-    keys = tuple(k.strip() for k in env.get("API_KEY", "").split(",") if k.strip())
-    if production and not keys:
+    given: dict[str, Any] = {}
+    for spec in dataclasses.fields(Settings):
+        raw = env.get(spec.metadata["env"], "").strip()
+        if raw:
+            given[spec.name] = spec.metadata["parse"](spec.metadata["env"], raw)
+    settings = Settings(**given)
+    if settings.production and not settings.api_keys:
         raise ConfigError("API_KEY: must be set when APP_ENV=production")
-
-    fail_after = _integer(env, "ETL_FAIL_AFTER_RECORDS", minimum=0)
-    if production and fail_after is not None:
+    if settings.production and settings.etl_fail_after_records is not None:
         raise ConfigError("ETL_FAIL_AFTER_RECORDS: not allowed when APP_ENV=production")
+    return settings
 
-    sources_raw = env.get("SOURCES_FILE", "").strip()
-    if sources_raw:
-        sources_file = Path(sources_raw).expanduser()
-        if not sources_file.is_file():
-            raise ConfigError(f"SOURCES_FILE: file not found: {sources_raw}")
-        sources_file = sources_file.resolve()
-    elif Path("sources.toml").is_file():
-        sources_file = Path("sources.toml").resolve()
-    else:
-        sources_file = DEFAULT_SOURCES_FILE
 
-    api_url = env.get("API_SOURCE_URL", "").strip() or None
-    if api_url:
-        check_http_url("API_SOURCE_URL", api_url)
-
-    port_raw = env.get("PORT", "").strip()
-    port = 8000
-    if port_raw:
-        try:
-            port = int(port_raw)
-        except ValueError:
-            raise ConfigError(f"PORT: expected a port number, got {port_raw!r}") from None
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"PORT: expected 0..65535, got {port_raw!r}")
-
-    log_format = env.get("LOG_FORMAT", "").strip().lower() or (
-        "console" if sys.stdout.isatty() else "json"
-    )
-    if log_format not in ("json", "console"):
-        raise ConfigError(f"LOG_FORMAT: expected json or console, got {log_format!r}")
-    log_level = env.get("LOG_LEVEL", "").strip().lower() or "info"
-    if log_level not in _LOG_LEVELS:
-        raise ConfigError(f"LOG_LEVEL: expected one of {sorted(_LOG_LEVELS)}, got {log_level!r}")
-
-    batch_size = _integer(env, "ETL_BATCH_SIZE", minimum=1)
-    parse_process_min = _integer(env, "ETL_PARSE_PROCESS_MIN_BYTES", minimum=0)
-    data_cache_bytes = _integer(env, "DATA_CACHE_BYTES", minimum=0)
-    lease_seconds = _number(env, "ETL_LEASE_SECONDS", 30.0, minimum=1)
-    pool_size = _integer(env, "DATABASE_POOL_SIZE", minimum=1)
-    run_pool_size = _integer(env, "DATABASE_RUN_POOL_SIZE", minimum=2)
-    statement_cache = _integer(env, "DATABASE_STATEMENT_CACHE_SIZE", minimum=0)
-    address_file = env.get("SERVE_ADDRESS_FILE", "").strip()
-    header_timeout = _number(env, "HTTP_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0)
-    if header_timeout <= 0:
-        raise ConfigError("HTTP_HEADER_TIMEOUT_SECONDS: must be > 0")
-    keep_alive = _integer(env, "HTTP_KEEP_ALIVE_SECONDS", minimum=1)
-
-    return Settings(
-        database_url=database_url,
-        database_read_url=read_url,
-        database_listen_url=listen_url,
-        data_dir=Path(env.get("DATA_DIR", "").strip() or ".data").expanduser(),
-        api_keys=keys,
-        app_env=app_env,
-        sources_file=sources_file,
-        api_source_url=api_url,
-        api_source_key=env.get("API_SOURCE_KEY", "").strip() or None,
-        csv_source_path=_existing_file(env, "CSV_SOURCE_PATH"),
-        json_source_path=_existing_file(env, "JSON_SOURCE_PATH"),
-        etl_interval_seconds=_number(env, "ETL_INTERVAL_SECONDS", 300.0, minimum=0),
-        etl_on_startup=_bool(env, "ETL_ON_STARTUP", True),
-        etl_fail_after_records=fail_after,
-        etl_batch_size=batch_size if batch_size is not None else 10_000,
-        etl_parse_process_min_bytes=(
-            parse_process_min if parse_process_min is not None else 8 * 1024 * 1024
-        ),
-        etl_lease_seconds=lease_seconds,
-        database_pool_size=pool_size if pool_size is not None else 10,
-        database_run_pool_size=run_pool_size if run_pool_size is not None else 3,
-        database_statement_cache_size=statement_cache if statement_cache is not None else 100,
-        data_cache_bytes=data_cache_bytes if data_cache_bytes is not None else 16 * 1024 * 1024,
-        events_keepalive_seconds=keepalive,
-        host=env.get("HOST", "").strip() or "127.0.0.1",
-        port=port,
-        serve_address_file=Path(address_file).expanduser() if address_file else None,
-        http_header_timeout_seconds=header_timeout,
-        http_keep_alive_seconds=keep_alive if keep_alive is not None else 5,
-        log_format=log_format,
-        log_level=log_level,
-    )
+def _render(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
 
 
 def environment(settings: Settings) -> dict[str, str]:
     """The variables from which :func:`load_settings` builds ``settings`` again:
     how a child process (the service's run) gets the very settings of its parent.
     An empty value means unset."""
-
-    def text(value: object) -> str:
-        return "" if value is None else str(value)
-
     return {
-        "DATABASE_URL": text(settings.database_url),
-        "DATABASE_READ_URL": text(settings.database_read_url),
-        "DATABASE_LISTEN_URL": text(settings.database_listen_url),
-        "DATA_DIR": str(settings.data_dir),
-        "API_KEY": ",".join(settings.api_keys),
-        "APP_ENV": settings.app_env,
-        "SOURCES_FILE": str(settings.sources_file),
-        "API_SOURCE_URL": text(settings.api_source_url),
-        "API_SOURCE_KEY": text(settings.api_source_key),
-        "CSV_SOURCE_PATH": text(settings.csv_source_path),
-        "JSON_SOURCE_PATH": text(settings.json_source_path),
-        "ETL_INTERVAL_SECONDS": repr(settings.etl_interval_seconds),
-        "ETL_ON_STARTUP": "true" if settings.etl_on_startup else "false",
-        "ETL_FAIL_AFTER_RECORDS": text(settings.etl_fail_after_records),
-        "ETL_BATCH_SIZE": str(settings.etl_batch_size),
-        "ETL_PARSE_PROCESS_MIN_BYTES": str(settings.etl_parse_process_min_bytes),
-        "ETL_LEASE_SECONDS": repr(settings.etl_lease_seconds),
-        "DATABASE_POOL_SIZE": str(settings.database_pool_size),
-        "DATABASE_RUN_POOL_SIZE": str(settings.database_run_pool_size),
-        "DATABASE_STATEMENT_CACHE_SIZE": str(settings.database_statement_cache_size),
-        "DATA_CACHE_BYTES": str(settings.data_cache_bytes),
-        "EVENTS_KEEPALIVE_SECONDS": repr(settings.events_keepalive_seconds),
-        "HOST": settings.host,
-        "PORT": str(settings.port),
-        "SERVE_ADDRESS_FILE": text(settings.serve_address_file),
-        "HTTP_HEADER_TIMEOUT_SECONDS": repr(settings.http_header_timeout_seconds),
-        "HTTP_KEEP_ALIVE_SECONDS": str(settings.http_keep_alive_seconds),
-        "LOG_FORMAT": settings.log_format,
-        "LOG_LEVEL": settings.log_level,
+        spec.metadata["env"]: _render(getattr(settings, spec.name))
+        for spec in dataclasses.fields(Settings)
     }
