@@ -22,6 +22,11 @@ MAX_HEAD_BYTES = 32 * 1024
 """Request line and headers as received: the header limits of the middleware
 (16 KiB) plus the longest URL the API takes, with room to spare."""
 
+LINGER_SECONDS = 1.0
+"""How long a refused connection's further bytes are read and dropped before it
+is closed: closing at once, with the client's bytes still unread, would reset
+the connection, and the client could lose the 431 before reading it."""
+
 _TOO_LARGE_BODY = b'{"status_code":431,"detail":"Request Header Fields Too Large"}'
 
 
@@ -40,6 +45,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_count = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
 
     @classmethod
     def with_timeout(cls, head_timeout: float) -> type[BoundedHttpProtocol]:
@@ -55,6 +61,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # dropped unread, held nowhere
         if self._in_head:
             self._head_bytes += len(data)
             if self._head_timer is None:  # the first byte of a request on a kept-alive connection
@@ -108,4 +116,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n"
         ) % (len(_TOO_LARGE_BODY), str(uuid.uuid4()).encode("ascii"))
         self.transport.write(head + _TOO_LARGE_BODY)
-        self.transport.close()
+        self._refused = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        # Closed at the end of the linger, or at once when the client half-closes
+        # (the protocol's eof_received leaves the transport to close itself).
+        self._head_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
