@@ -465,6 +465,39 @@ UPDATE alembic_version SET version_num='0005' WHERE alembic_version.version_num 
 
 -- Running upgrade 0005 -> 0006
 
+CREATE TABLE unified_links (
+    source TEXT NOT NULL, 
+    source_key TEXT COLLATE "C" NOT NULL, 
+    name TEXT COLLATE "C" NOT NULL, 
+    rule TEXT NOT NULL, 
+    confidence DOUBLE PRECISION NOT NULL, 
+    names_seen TEXT[] NOT NULL, 
+    symbol TEXT, 
+    linked_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+    CONSTRAINT pk_unified_links PRIMARY KEY (source, source_key), 
+    CONSTRAINT ck_unified_links_confidence CHECK (confidence >= 0 AND confidence <= 1), 
+    CONSTRAINT uq_unified_links_name_source UNIQUE (name, source)
+);
+
+CREATE INDEX ix_unified_links_names_seen ON unified_links USING gin (names_seen);
+
+INSERT INTO unified_links (source, source_key, name, rule, confidence, names_seen) SELECT source, coalesce(source_record_id, name), name, 'new', 1.0, ARRAY[name::text] FROM unified_data;
+
+CREATE FUNCTION unified_links_version_bump() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- Only statements that changed a link: most batches change none.
+    IF EXISTS (SELECT 1 FROM changed_rows) THEN
+        UPDATE unified_version SET version = pg_current_xact_id()::text::bigint;
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER unified_links_version_insert AFTER INSERT ON unified_links REFERENCING NEW TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION unified_links_version_bump();
+
+CREATE TRIGGER unified_links_version_update AFTER UPDATE ON unified_links REFERENCING NEW TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION unified_links_version_bump();
+
+CREATE TRIGGER unified_links_version_delete AFTER DELETE ON unified_links REFERENCING OLD TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION unified_links_version_bump();
+
 UPDATE alembic_version SET version_num='0006' WHERE alembic_version.version_num = '0005';
 
 -- Running upgrade 0006 -> 0007

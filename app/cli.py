@@ -188,9 +188,12 @@ async def _etl_reset(settings: Settings, name: str) -> int:
 
 
 async def _etl_reprocess(settings: Settings) -> int:
+    from pipelines.config import id_sources
+    from pipelines.identity import load_identity
     from pipelines.reprocess import reprocess
 
     sources = load_sources(settings)
+    rules = load_identity(settings.identity_file, settings.sources_file, id_sources(sources))
     url = resolve_database_url(settings)
     await asyncio.to_thread(_migrate, settings, url)
     pool = await _pool(settings, url, settings.database_run_pool_size)
@@ -201,7 +204,9 @@ async def _etl_reprocess(settings: Settings) -> int:
             line.show(f"{source}: {total} unified rows")
 
         try:
-            written = await reprocess(pool, sources, progress=show if line is not None else None)
+            written = await reprocess(
+                pool, sources, rules=rules, progress=show if line is not None else None
+            )
             total = await pool.fetchval("SELECT count(*) FROM unified_data")
         finally:
             await pool.close()

@@ -227,13 +227,38 @@ class Comparison(msgspec.Struct):
     anomalies: list[Anomaly]
 
 
+class EntityMember(msgspec.Struct):
+    """One source's record linked to a unified row."""
+
+    source: str
+    source_key: str
+    """The record's id in its source, or its canonical name when the source has no ids."""
+    names_seen: list[str]
+    """Every canonical name this key was seen under, oldest first."""
+    rule: str
+    """What linked it: ``new`` (it started the row), ``name``, ``id``, ``symbol``,
+    ``value`` or ``manual`` (the identity file)."""
+    confidence: float
+
+
+class Entity(msgspec.Struct):
+    """A unified row and every source record linked to it."""
+
+    name: str
+    members: list[EntityMember]
+    value: float | None
+    source: str | None
+    observed_at: datetime | None
+    ingested_at: datetime | None
+
+
 def error_responses(*codes: int) -> dict[int, Any]:
     """OpenAPI entries for the error statuses a handler can answer with."""
     from litestar.openapi.datastructures import ResponseSpec
 
     descriptions = {
         401: "Missing or wrong x-api-key",
-        404: "No such run",
+        404: "No such run or row",
         409: "A run of this process is already in progress",
         503: "The database does not answer",
     }

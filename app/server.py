@@ -26,6 +26,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from app.controllers.changes import ChangesController
 from app.controllers.data import DataController
+from app.controllers.entities import EntitiesController
 from app.controllers.events import EventsController
 from app.controllers.quality import QualityController
 from app.controllers.runs import RunsController
@@ -86,6 +87,7 @@ def create_app(
         route_handlers=[
             SystemController,
             DataController,
+            EntitiesController,
             RunsController,
             QualityController,
             ChangesController,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import shutil
 import socket
 import sys
@@ -1397,6 +1398,99 @@ def changes(ctx: Context) -> None:
     measure_changes(ctx)
 
 
+# -- identity --------------------------------------------------------------------------
+
+
+def identity(ctx: Context) -> None:
+    """Identity on the real captures (bench/identity.py), and what it costs.
+
+    With ``BENCH_BASELINE`` (a checkout of the code before identity), the CSV
+    load and a 2,500-ticker API source (the CoinPaprika capture, one request)
+    are timed with this code and that one, in turns: their wall times compared.
+    """
+    from bench import identity as figures
+
+    for found in figures.measure(ctx.server, ctx.workdir):
+        label = f"CoinGecko {found.capture}, {found.order}"
+        ctx.log(
+            f"  {label}: {found.one_row}/{found.present_in_both} in one row, "
+            f"{len(found.split)} split, {len(found.merged_across)} merged"
+        )
+        ctx.results.add(
+            Row(
+                "identity",
+                f"assets in both upstreams in one row ({label})",
+                100.0 * found.one_row_share,
+                "%",
+                goal=Goal(">=", 90.0, on="value"),
+                note=f"split: {', '.join(f'{g} / {p}' for g, p in found.split)}",
+            )
+        )
+        ctx.results.add(
+            Row(
+                "identity",
+                f"distinct assets in one row ({label})",
+                float(len(found.merged_across) + found.merged_within),
+                "pairs",
+                goal=Goal("<=", 0.0, on="value"),
+            )
+        )
+    baseline = os.environ.get("BENCH_BASELINE", "").strip()
+    if not baseline:
+        ctx.log("  BENCH_BASELINE unset: no timing against the code before identity")
+        return
+    records = json.loads(figures.PAPRIKA.read_text(encoding="utf-8"))
+    upstream = PagedUpstream(records, len(records)).start()
+    try:
+        for symbol in (True, False):
+            mapping = (
+                'mapping = { name = "name", value = "quotes.USD.price", '
+                'observed_at = "last_updated", id = "id"'
+                + (', symbol = "symbol" }' if symbol else " }")
+            )
+            (ctx.workdir / f"identity-sources-{symbol}.toml").write_text(
+                f'[[sources]]\nname = "api"\nkind = "http"\nlocation = "{upstream.url}"\n'
+                f"rate_limit_per_second = 0\nmax_retries = 2\ntimeout_seconds = 60\n{mapping}\n\n"
+                f'[[sources]]\nname = "csv"\nkind = "csv"\n'
+                f"location = {json.dumps(str(ctx.inputs.csv))}\n"
+                'mapping = { name = "name", value = "value", observed_at = "updated_at" }\n',
+                encoding="utf-8",
+            )
+        for source, what in (("api", f"{len(records):,}-ticker API source"), ("csv", "CSV")):
+            mine: list[Ingestion] = []
+            before: list[Ingestion] = []
+            for turn in range(ctx.sizes.rounds):
+                for who, code, runs in (("identity", None, mine), ("before", baseline, before)):
+                    extra = {
+                        "SOURCES_FILE": str(ctx.workdir / f"identity-sources-{code is None}.toml")
+                    }
+                    if code is not None:
+                        extra["PYTHONPATH"] = code
+                    url = ctx.server.create(f"identity_{source}_{who}")
+                    run = etl_run(ctx, url, source, f"identity-{source}-{who}-{turn + 1}", extra)
+                    _log_load(ctx, who, run)
+                    runs.append(run)
+            chosen, base = _median(mine), _median(before)
+            ctx.results.add(
+                Row(
+                    "identity",
+                    f"wall, {what} ({chosen.fetched:,} records)",
+                    chosen.measured.wall_seconds,
+                    "s",
+                    "before identity",
+                    base.measured.wall_seconds,
+                    Goal("<=", 1.15),
+                    note=(
+                        f"median of {len(mine)} turns each; identity "
+                        f"{', '.join(f'{r.measured.wall_seconds:.2f}' for r in mine)}, before "
+                        f"{', '.join(f'{r.measured.wall_seconds:.2f}' for r in before)} s"
+                    ),
+                )
+            )
+    finally:
+        upstream.stop()
+
+
 SCENARIOS: dict[str, Callable[[Context], None]] = {
     "ingest_csv": ingest_csv,
     "ingest_jsonl": ingest_jsonl,
@@ -1408,6 +1502,7 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "under_load": under_load,
     "changes": changes,
     "profile": profile,
+    "identity": identity,
 }
 DEFAULT = (
     "ingest_csv",
@@ -1419,6 +1514,7 @@ DEFAULT = (
     "reads",
     "under_load",
     "changes",
+    "identity",
 )
 
 # Which generated files each scenario reads.
@@ -1433,4 +1529,5 @@ NEEDS: dict[str, set[str]] = {
     "under_load": {"csv", "csv_second", "csv_third"},
     "changes": {"csv"},
     "profile": {"csv"},
+    "identity": {"csv"},
 }

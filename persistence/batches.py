@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -16,14 +16,21 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from persistence import links
+from persistence.links import IDENTITY_LOCK_KEY, NewKey, NewLink
 from persistence.types import Conn, Queryable
 
 _json = msgspec.json.Encoder()
 
+#: Decides the links of a source's new keys (``pipelines.identity.Resolver``):
+#: ``(conn, source, new keys) -> one link per key``, inside the batch's transaction.
+Resolver = Callable[[Conn, str, Sequence[NewKey]], Awaitable[list[NewLink]]]
+
 
 @dataclass(slots=True)
 class UnifiedRow:
-    """A valid record, placed by the raw id it was stored under."""
+    """A valid record, placed by the raw id it was stored under; ``key`` is its key
+    in its source (see ``persistence.links``)."""
 
     name: str
     value: float
@@ -32,6 +39,8 @@ class UnifiedRow:
     source_record_id: str | None
     ingested_at: datetime
     run_id: uuid.UUID
+    key: str
+    symbol: str | None = None
 
 
 @dataclass(slots=True)
@@ -65,15 +74,24 @@ RETURNING id, content_hash
 # The WHERE clause is the newest-wins guard: the stored row is replaced only by a
 # record that is newer, or as new from a source listed earlier, or as new from
 # the same source and ingested later. The outcome is independent of arrival order.
+# Used by ``etl reprocess``, which has the raw rows already: each key's row is
+# found through its link.
 UPSERT_UNIFIED = """
+WITH t AS (
+    SELECT DISTINCT ON (l.name) l.name, t.value, t.observed_at, t.raw_id, t.record_id,
+        t.ingested_at, t.run_id
+    FROM unnest($1::text[], $2::float8[], $5::timestamptz[], $6::bigint[], $7::text[],
+                $8::timestamptz[], $9::uuid[])
+        AS t(key, value, observed_at, raw_id, record_id, ingested_at, run_id)
+    JOIN unified_links l ON l.source = $3 AND l.source_key = t.key COLLATE "C"
+    ORDER BY l.name, t.observed_at DESC, t.raw_id DESC
+)
 INSERT INTO unified_data AS u
     (name, value, source, observed_at, ingested_at, priority, raw_id, source_record_id,
      run_id, updated_at)
 SELECT t.name, t.value, $3, t.observed_at, t.ingested_at, $4, t.raw_id, t.record_id,
     t.run_id, now()
-FROM unnest($1::text[], $2::float8[], $5::timestamptz[], $6::bigint[], $7::text[],
-            $8::timestamptz[], $9::uuid[])
-    AS t(name, value, observed_at, raw_id, record_id, ingested_at, run_id)
+FROM t
 ON CONFLICT (name) DO UPDATE SET
     value = excluded.value, source = excluded.source, observed_at = excluded.observed_at,
     ingested_at = excluded.ingested_at, priority = excluded.priority,
@@ -106,6 +124,7 @@ class BatchColumns:
     ``name`` and ``value`` are ``None`` for a rejected record, whose field and
     reason are in ``rejected_field`` / ``rejected_reason``; ``observed_at`` is
     ``None`` when the record has no timestamp of its own (ingestion time is used).
+    ``key`` (the record's key in its source) defaults to ``record_id``, else ``name``.
     """
 
     content_hash: list[bytes] = field(default_factory=list)
@@ -116,9 +135,38 @@ class BatchColumns:
     record_id: list[str | None] = field(default_factory=list)
     rejected_field: list[str | None] = field(default_factory=list)
     rejected_reason: list[str | None] = field(default_factory=list)
+    symbol: list[str | None] = field(default_factory=list)
     document: str | None = None
     """The batch already encoded (:func:`encode_rows`) by the parser; the other
     lists but ``content_hash`` are then left empty (they would only travel)."""
+    keys: list[BatchKey] | None = None
+    """Each valid key of the batch once, in the order keys first appear, with its
+    latest record (see :func:`batch_keys`); computed from the lists when ``None``."""
+
+
+#: A key of a batch and its latest record: key, canonical name, symbol, value,
+#: observed_at (``None``: the record has no timestamp of its own).
+BatchKey = tuple[str, str, str | None, float, datetime | None]
+
+
+def batch_keys(
+    rows: Sequence[tuple[str, str, str | None, float, datetime | None]],
+) -> list[BatchKey]:
+    """Each key once, in first-appearance order, with its latest record (the one
+    the unified upsert would take: newest ``observed_at``, then the later one;
+    a record without a timestamp counts as newest, being observed when ingested)."""
+    latest: dict[str, BatchKey] = {}
+    for row in rows:
+        current = latest.get(row[0])
+        if current is None or _newer(row, current):
+            latest[row[0]] = row
+    return list(latest.values())
+
+
+def _newer(a: BatchKey, b: BatchKey) -> bool:
+    if a[4] is None or b[4] is None:
+        return a[4] is None
+    return a[4] >= b[4]
 
 
 @functools.cache
@@ -127,8 +175,16 @@ def _write_batch_sql(table: str, optimistic: bool) -> str:
     # round trip: the raw insert's RETURNING feeds the rejections and the unified
     # upsert, and the checkpoint and run counters move in the same statement.
     # Data-modifying CTEs always run to completion, referenced or not.
-    # DISTINCT ON keeps one row per name (the batch's winner), because an upsert
-    # may not touch a row twice.
+    #
+    # Identity: every key of the batch has a link, stored or in $15 (the new
+    # ones, decided by the caller); $14 maps each key whose row is named
+    # otherwise than the key itself to that row, so the statement looks no link
+    # up (see SourceLinks); $16 holds the known keys seen under a new name or
+    # ticker.
+    #
+    # DISTINCT ON keeps one row per key (the batch's winner), because an upsert
+    # may not touch a row twice; a row holds one key per source, so that is one
+    # per row too.
     #
     # ``optimistic`` drops ON CONFLICT from the raw insert: the unique index still
     # refuses a stored record (the whole statement then fails and changes
@@ -143,7 +199,8 @@ WITH input AS (
     -- from the document as jsonb: parsed once, stored as received.
     SELECT decode(r->>0, 'base64') AS h, r->1 AS p, r->>2 AS name,
         (r->>3)::float8 AS value, (r->>4)::timestamptz AS observed_at,
-        r->>5 AS record_id, r->>6 AS rej_field, r->>7 AS rej_reason
+        r->>5 AS record_id, r->>6 AS rej_field, r->>7 AS rej_reason,
+        coalesce(r->>8, r->>2) AS key
     FROM jsonb_array_elements($3::jsonb) AS r
 ),
 ins AS (
@@ -156,7 +213,7 @@ ins AS (
 ),
 fresh AS (
     -- Only what the next steps read: the payloads stay out of this join.
-    SELECT i.name, i.value, i.observed_at, i.record_id, i.rej_field, i.rej_reason,
+    SELECT i.key, i.value, i.observed_at, i.record_id, i.rej_field, i.rej_reason,
         ins.id AS raw_id
     FROM ins JOIN input i ON i.h = ins.content_hash
 ),
@@ -167,11 +224,27 @@ rej AS (
     ORDER BY raw_id
     RETURNING 1
 ),
+new_links AS (
+    INSERT INTO unified_links (source, source_key, name, rule, confidence, names_seen, symbol)
+    SELECT $1, x->>0, x->>1, x->>2, (x->>3)::float8, ARRAY[x->>4], x->>5
+    FROM jsonb_array_elements($15::jsonb) AS x
+),
+seen AS (
+    -- A known key under a new name or ticker: the link remembers it (a name
+    -- once seen finds the row in /data?name=).
+    UPDATE unified_links AS l SET
+        names_seen = CASE WHEN l.names_seen @> ARRAY[x->>1] THEN l.names_seen
+                          ELSE l.names_seen || (x->>1) END,
+        symbol = coalesce(x->>2, l.symbol)
+    FROM jsonb_array_elements($16::jsonb) AS x
+    WHERE l.source = $1 AND l.source_key = (x->>0) COLLATE "C"
+),
 best AS (
-    SELECT DISTINCT ON (name) name, value, coalesce(observed_at, $4) AS observed_at,
-        raw_id, record_id
-    FROM fresh WHERE rej_field IS NULL
-    ORDER BY name, coalesce(observed_at, $4) DESC, raw_id DESC
+    SELECT DISTINCT ON (key) coalesce($14::jsonb ->> key, key) AS name, value,
+        coalesce(observed_at, $4) AS observed_at, raw_id, record_id
+    FROM fresh
+    WHERE rej_field IS NULL
+    ORDER BY key, coalesce(observed_at, $4) DESC, raw_id DESC
 ),
 contenders AS (
     -- Only rows that beat the stored one reach the upsert: a losing row would
@@ -226,13 +299,16 @@ SELECT inserted, rejected, upserted FROM counted
 
 
 #: One row of the batch document: hash, payload (raw JSON), name, value,
-#: observed_at, record_id, rejected_field, rejected_reason.
+#: observed_at, record_id, rejected_field, rejected_reason, key (``None``: the
+#: name), symbol.
 BatchRow = tuple[
     bytes,
     msgspec.Raw,
     str | None,
     float | None,
     datetime | None,
+    str | None,
+    str | None,
     str | None,
     str | None,
     str | None,
@@ -250,6 +326,11 @@ def encode_rows(rows: Sequence[BatchRow]) -> str:
 
 def batch_document(cols: BatchColumns) -> str:
     """:func:`encode_rows` of the per-field lists of ``cols``."""
+    symbols = cols.symbol or [None] * len(cols.content_hash)
+    keys = [
+        None if rej is not None else rid
+        for rid, rej in zip(cols.record_id, cols.rejected_field, strict=True)
+    ]
     return encode_rows(
         list(
             zip(
@@ -261,10 +342,21 @@ def batch_document(cols: BatchColumns) -> str:
                 cols.record_id,
                 cols.rejected_field,
                 cols.rejected_reason,
+                keys,
+                symbols,
                 strict=True,
             )
         )
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What a batch statement did."""
+
+    inserted: int
+    rejected: int
+    upserted: int
 
 
 async def write_batch(
@@ -281,19 +373,23 @@ async def write_batch(
     schema: dict[str, str] | None,
     drift: Sequence[dict[str, Any]] = (),
     optimistic: bool = False,
-) -> tuple[int, int, int]:
-    """Commit one batch: new raw records, rejections, unified winners, checkpoint,
-    drift events and run counters, atomically (a single statement).
+    rows: Mapping[str, str] | None = None,
+    new_links: Sequence[tuple[NewLink, NewKey]] = (),
+    seen: Sequence[tuple[str, str, str | None]] = (),
+) -> Written:
+    """Commit one batch: new raw records, rejections, new links, unified winners,
+    checkpoint, drift events and run counters, atomically (a single statement).
 
     Args:
         fetched: records the source emitted for this batch, within-batch
             repeats included (they count as duplicates).
-        optimistic: expect every record to be new (see :class:`BatchWriter`);
+        optimistic: expect every record to be new (see :class:`InsertMode`);
             raises ``asyncpg.UniqueViolationError``, having changed nothing,
             when one is already stored.
-
-    Returns:
-        ``(raw_inserted, rejected, unified_upserted)``.
+        rows: the row of each key of the batch whose row is not named like the
+            key (a key missing here belongs to the row of its own name).
+        new_links: links to store, for keys that have none yet.
+        seen: known keys seen under a new name or ticker: ``(key, name, symbol)``.
     """
     row = await conn.fetchrow(
         _write_batch_sql(table, optimistic),
@@ -310,9 +406,17 @@ async def write_batch(
         [e.get("new_field") for e in drift],
         [e.get("confidence") for e in drift],
         [e.get("detail", "") for e in drift],
+        _json.encode(rows or {}).decode(),
+        _json.encode(
+            [
+                (link.key, link.entity, link.rule, link.confidence, new.name, new.symbol)
+                for link, new in new_links
+            ]
+        ).decode(),
+        _json.encode(seen).decode(),
     )
     assert row is not None
-    return int(row["inserted"]), int(row["rejected"]), int(row["upserted"])
+    return Written(int(row["inserted"]), int(row["rejected"]), int(row["upserted"]))
 
 
 SAFE_BATCHES_AFTER_DUPLICATE = 16
@@ -332,6 +436,27 @@ class InsertMode:
     """
 
     careful: int = 0
+    links: SourceLinks = field(default_factory=lambda: SourceLinks())
+
+
+#: What is known of a linked key: its row, names seen and ticker; ``None`` for
+#: the common case of a key whose row is named like the key, seen under that
+#: name only and without a ticker (a source keyed by canonical names).
+KnownKey = tuple[str, tuple[str, ...], str | None] | None
+
+
+@dataclass(slots=True)
+class SourceLinks:
+    """The links of one source's keys seen in this run, as stored.
+
+    Only the source's own ingestion (which holds the source) and ``etl
+    reprocess`` (which holds every source) write a source's links, so what was
+    read or written here stays true for the run: a key is looked up once, and
+    a batch statement needs no look-up at all. Entries are added once their
+    batch has committed.
+    """
+
+    known: dict[str, KnownKey] = field(default_factory=dict)
 
 
 def _raw_unique_constraint(table: str) -> str:
@@ -351,18 +476,37 @@ BATCH_SETTINGS = (
     "SET LOCAL enable_mergejoin = off"
 )
 
+#: Decides the links of a batch's new keys inside its transaction.
+Decide = Callable[[Conn], Awaitable[list[tuple[NewLink, NewKey]]]]
+
 
 async def _write_batch_tuned(
-    conn: Conn, table: str, cols: BatchColumns, **kwargs: Any
-) -> tuple[int, int, int]:
+    conn: Conn,
+    table: str,
+    cols: BatchColumns,
+    decide: Decide | None,
+    rows: dict[str, str],
+    **kwargs: Any,
+) -> tuple[Written, list[tuple[NewLink, NewKey]]]:
     async with conn.transaction():
         await conn.execute(BATCH_SETTINGS)
-        return await write_batch(conn, table, cols, **kwargs)
+        decided: list[tuple[NewLink, NewKey]] = []
+        if decide is not None:
+            # New keys: decided under the identity lock, against every link
+            # committed before, and written in the same transaction.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", IDENTITY_LOCK_KEY)
+            decided = await decide(conn)
+            rows = dict(rows)
+            for link, _ in decided:
+                if link.entity != link.key:
+                    rows[link.key] = link.entity
+        written = await write_batch(conn, table, cols, rows=rows, new_links=decided, **kwargs)
+        return written, decided
 
 
-async def write_batch_adaptive(
+async def _write_raw_adaptive(
     conn: Conn, table: str, cols: BatchColumns, mode: InsertMode, **kwargs: Any
-) -> tuple[int, int, int]:
+) -> tuple[Written, list[tuple[NewLink, NewKey]]]:
     """:func:`write_batch`, optimistic while records keep being new."""
     if mode.careful == 0:
         try:
@@ -371,25 +515,109 @@ async def write_batch_adaptive(
             if exc.constraint_name != _raw_unique_constraint(table):
                 raise
         mode.careful = SAFE_BATCHES_AFTER_DUPLICATE
-    result = await _write_batch_tuned(conn, table, cols, optimistic=False, **kwargs)
-    if result[0] < len(cols.content_hash):
+    written, decided = await _write_batch_tuned(conn, table, cols, optimistic=False, **kwargs)
+    if written.inserted < len(cols.content_hash):
         mode.careful = SAFE_BATCHES_AFTER_DUPLICATE
     else:
         mode.careful -= 1
-    return result
+    return written, decided
 
 
-def winners(rows: Sequence[UnifiedRow]) -> list[UnifiedRow]:
-    """One row per name: PostgreSQL refuses to upsert the same key twice in a statement.
+async def write_batch_adaptive(
+    conn: Conn,
+    table: str,
+    cols: BatchColumns,
+    mode: InsertMode,
+    *,
+    resolver: Resolver,
+    source: str,
+    ingested_at: datetime,
+    **kwargs: Any,
+) -> tuple[int, int, int]:
+    """:func:`write_batch`, with the links of the batch's keys on the way.
 
-    Within one batch (one source) the newest ``observed_at`` wins, then the later raw id.
+    Keys this run has not met yet are looked up (once); a batch whose keys all
+    have links is one statement. When some have none, the resolver decides
+    them in the batch's transaction, under the identity lock.
+
+    Returns:
+        ``(raw_inserted, rejected, unified_upserted)``.
     """
-    best: dict[str, UnifiedRow] = {}
-    for row in rows:
-        current = best.get(row.name)
-        if current is None or (row.observed_at, row.raw_id) > (current.observed_at, current.raw_id):
-            best[row.name] = row
-    return list(best.values())
+    known = mode.links.known
+    keys = cols.keys if cols.keys is not None else _keys_of(cols)
+    unseen = [k[0] for k in keys if k[0] not in known]
+    if unseen:
+        stored = await links.linked_keys(conn, source, unseen)
+        for stored_key, (stored_row, stored_names, stored_ticker) in stored.items():
+            known[stored_key] = _known(stored_key, stored_row, tuple(stored_names), stored_ticker)
+    new = [
+        NewKey(key, name, symbol, value, observed_at or ingested_at)
+        for key, name, symbol, value, observed_at in keys
+        if key not in known
+    ]
+    rows: dict[str, str] = {}
+    seen: list[tuple[str, str, str | None]] = []
+    for key, name, symbol, _, _ in keys:
+        if key not in known:
+            continue
+        entry = known[key]
+        entity, names, stored_symbol = entry if entry is not None else (key, (key,), None)
+        if entity != key:
+            rows[key] = entity
+        if name not in names or (symbol is not None and symbol != stored_symbol):
+            seen.append((key, name, symbol))
+
+    async def decide(tx: Conn) -> list[tuple[NewLink, NewKey]]:
+        return list(zip(await resolver(tx, source, new), new, strict=True))
+
+    written, decided = await _write_raw_adaptive(
+        conn,
+        table,
+        cols,
+        mode,
+        decide=decide if new else None,
+        rows=rows,
+        source=source,
+        ingested_at=ingested_at,
+        seen=seen,
+        **kwargs,
+    )
+    for link, decided_key in decided:
+        known[link.key] = _known(link.key, link.entity, (decided_key.name,), decided_key.symbol)
+    for seen_key, seen_name, seen_symbol in seen:
+        was = known[seen_key]
+        row_name, seen_names, was_symbol = was if was is not None else (seen_key, (seen_key,), None)
+        known[seen_key] = _known(
+            seen_key,
+            row_name,
+            seen_names if seen_name in seen_names else (*seen_names, seen_name),
+            seen_symbol if seen_symbol is not None else was_symbol,
+        )
+    return written.inserted, written.rejected, written.upserted
+
+
+def _known(key: str, entity: str, names: tuple[str, ...], symbol: str | None) -> KnownKey:
+    if entity == key and names == (key,) and symbol is None:
+        return None
+    return (entity, names, symbol)
+
+
+def _keys_of(cols: BatchColumns) -> list[BatchKey]:
+    return batch_keys(
+        [
+            (rid if rid is not None else name, name, symbol, value, observed_at)
+            for name, value, observed_at, rid, rej, symbol in zip(
+                cols.name,
+                cols.value,
+                cols.observed_at,
+                cols.record_id,
+                cols.rejected_field,
+                cols.symbol or [None] * len(cols.name),
+                strict=True,
+            )
+            if rej is None and name is not None and value is not None
+        ]
+    )
 
 
 async def insert_raw(
@@ -421,21 +649,21 @@ async def upsert_unified(
     source: str,
     priority: int,
 ) -> int:
-    """Upsert the batch's winners; returns how many unified rows changed."""
-    best = winners(rows)
-    if not best:
+    """Upsert the newest record of each row (every key linked already); returns how
+    many unified rows changed."""
+    if not rows:
         return 0
     changed = await conn.fetch(
         UPSERT_UNIFIED,
-        [r.name for r in best],
-        [r.value for r in best],
+        [r.key for r in rows],
+        [r.value for r in rows],
         source,
         priority,
-        [r.observed_at for r in best],
-        [r.raw_id for r in best],
-        [r.source_record_id for r in best],
-        [r.ingested_at for r in best],
-        [r.run_id for r in best],
+        [r.observed_at for r in rows],
+        [r.raw_id for r in rows],
+        [r.source_record_id for r in rows],
+        [r.ingested_at for r in rows],
+        [r.run_id for r in rows],
     )
     return len(changed)
 

@@ -26,7 +26,7 @@ from sqlalchemy import (
     text,
     true,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -119,6 +119,35 @@ class UnifiedRemoval(Base):
     )
 
     __table_args__ = (Index(None, "seq"),)
+
+
+class UnifiedLink(Base):
+    """Which row of ``unified_data`` each key of each source belongs to (migration 0006).
+
+    A key is the record's upstream id when its source maps one, else its
+    canonical name. A row holds at most one key per source.
+    """
+
+    __tablename__ = "unified_links"
+
+    source: Mapped[str] = mapped_column(Text, primary_key=True)
+    source_key: Mapped[str] = mapped_column(Text(collation="C"), primary_key=True)
+    # The unified_data row (no foreign key: reprocess empties that table).
+    name: Mapped[str] = mapped_column(Text(collation="C"))
+    # What linked it: new (started the row), name, id, symbol, value, manual.
+    rule: Mapped[str] = mapped_column(Text)
+    confidence: Mapped[float] = mapped_column(Double)
+    names_seen: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    symbol: Mapped[str | None] = mapped_column(Text)
+    linked_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )
+
+    __table_args__ = (
+        UniqueConstraint("name", "source"),
+        CheckConstraint("confidence >= 0 AND confidence <= 1", name="confidence"),
+        Index(None, "names_seen", postgresql_using="gin"),
+    )
 
 
 class UnifiedCount(Base):

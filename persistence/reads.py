@@ -118,9 +118,13 @@ def _data_statement(*, source: bool, name: bool, after: bool) -> str:
         filters.append(f"source = ${len(args)}")
     if name:
         args.append("name")
-        filters.append(f"name = ${len(args)}")
+        # The row of that name, and every row one of whose keys was seen under
+        # it (unified_links.names_seen, GIN-indexed): a few primary-key lookups.
+        filters.append(
+            f"name IN (SELECT ${len(args)}::text UNION SELECT l.name FROM unified_links l "
+            f"WHERE l.names_seen @> ARRAY[${len(args)}::text])"
+        )
     if name:
-        # A primary-key lookup: at most one row to count.
         total = f"SELECT count(*) AS total FROM unified_data WHERE {' AND '.join(filters)}"
     else:
         # Kept exact by statement triggers (migration 0002): no table scan per page.
@@ -179,7 +183,8 @@ async def data_page(
 
     Args:
         source: keep rows won by this source.
-        name: keep the row of this canonical name.
+        name: keep the row of this canonical name and the rows one of whose keys
+            had this canonical name.
         after: keyset cursor: keep names strictly greater than this one.
         limit: page size.
         offset: rows to skip after the cursor.

@@ -31,6 +31,8 @@ class FieldMapping(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     value: str
     observed_at: str | None = None
     id: str | None = None
+    symbol: str | None = None
+    """The ticker (``BTC``): evidence for linking records of different sources."""
 
 
 class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -171,7 +173,17 @@ def load_sources(
         )
     if not sources:
         raise ConfigError(f"SOURCES_FILE: {path}: declares no [[sources]]")
+    # Imported here: the identity module needs the transform, which needs this one.
+    from pipelines.identity import load_identity
+
+    # A bad identity file stops start-up like a bad sources file.
+    load_identity(settings.identity_file, path, id_sources(sources))
     return sources
+
+
+def id_sources(sources: list[SourceConfig]) -> dict[str, bool]:
+    """Each source, with whether its keys are upstream ids (its mapping has an ``id``)."""
+    return {s.name: s.mapping.id is not None for s in sources}
 
 
 def select_sources(sources: list[SourceConfig], names: list[str] | None) -> list[SourceConfig]:

@@ -26,7 +26,7 @@ Events (at most one per kind and field, in a fixed order: missing, renamed,
 type_changed, added, each sorted by field; running twice on the same inputs
 gives the same list, and a caller dedupes across batches by
 ``(kind, field, new_field)``)
-    ``missing``: a mapped path (name, value, observed_at, id) that is not
+    ``missing``: a mapped path (name, value, observed_at, id, symbol) that is not
     present; and, when ``previous`` is given, a previously seen path that is not
     present. ``added``: only when ``previous`` is given, a present path not in
     it (a first batch never reports ``added``, or ``freeze`` would fail its
@@ -53,7 +53,7 @@ Policies
     no ``added`` event is reported for the new path. A weaker rename is reported
     next to the ``missing`` event and not followed. The source fails when the
     ``name`` or ``value`` path is missing with no followed rename (every record
-    would be rejected); a missing ``observed_at`` or ``id`` is only an event.
+    would be rejected); a missing ``observed_at``, ``id`` or ``symbol`` is only an event.
     ``freeze``: nothing is followed; any event fails the source. Either way the
     caller keeps the raw records.
 
@@ -109,7 +109,7 @@ _TYPE_NAMES: dict[type, str] = {
 _TYPE_ORDER = ("string", "number", "boolean", "object", "array")
 # Types a mapped field can be read from (transform accepts strings and numbers).
 _USABLE_TYPES = frozenset({"string", "number"})
-_ROLES = ("name", "value", "observed_at", "id")
+_ROLES = ("name", "value", "observed_at", "id", "symbol")
 _KIND_ORDER: dict[str, int] = {"missing": 0, "renamed": 1, "type_changed": 2, "added": 3}
 
 

@@ -13,14 +13,21 @@ from typing import Any
 
 import msgspec
 
-from persistence.batches import BatchColumns, BatchRow, encode_rows
+from persistence.batches import BatchColumns, BatchKey, BatchRow, batch_keys, encode_rows
 from pipelines.config import FieldMapping, SourceConfig
 from pipelines.drift import DriftOutcome, detect_drift
 from pipelines.records import Chunk, RawRecord
-from pipelines.transform import Rejection, Unified, lookup, transform
+from pipelines.transform import (
+    Rejection,
+    Unified,
+    canonical_symbol,
+    lookup,
+    record_id,
+    transform,
+)
 
-#: A transformed record and its source-side id.
-Evaluated = tuple[Unified | Rejection, str | None]
+#: A transformed record, its source-side id and its ticker.
+Evaluated = tuple[Unified | Rejection, str | None, str | None]
 
 
 @dataclass(slots=True)
@@ -63,7 +70,8 @@ def prepare(source: SourceConfig, chunk: Chunk, schema: dict[str, str] | None) -
         cols = BatchColumns(content_hash=hashes, payload=[r.data.decode() for r in records])
         return Prepared(len(chunk.records), chunk.cursor, chunk.final, outcome, cols)
     rows: list[BatchRow] = []
-    for record, (result, record_id) in zip(
+    keyed: list[BatchKey] = []
+    for record, (result, upstream_id, symbol) in zip(
         records, evaluate(payloads, outcome.mapping), strict=True
     ):
         if isinstance(result, Rejection):
@@ -76,35 +84,54 @@ def prepare(source: SourceConfig, chunk: Chunk, schema: dict[str, str] | None) -
                 None,
                 result.field,
                 result.reason,
+                None,
+                None,
             )
         else:
+            key = source_key(result, upstream_id)
             row = (
                 record.content_hash,
                 msgspec.Raw(record.data),
                 result.name,
                 result.value,
                 result.observed_at,
-                record_id,
+                upstream_id,
                 None,
                 None,
+                upstream_id,  # the key; None: the name (see BatchRow)
+                symbol,
             )
+            keyed.append((key, result.name, symbol, result.value, result.observed_at))
         rows.append(row)
     # Encoded here, off the writer's critical path; only the hashes and this
     # document travel to the writer.
-    cols = BatchColumns(content_hash=hashes, document=encode_rows(rows))
+    cols = BatchColumns(content_hash=hashes, document=encode_rows(rows), keys=batch_keys(keyed))
     return Prepared(len(chunk.records), chunk.cursor, chunk.final, outcome, cols)
 
 
 def evaluate(payloads: Sequence[Any], mapping: FieldMapping) -> list[Evaluated]:
-    """Transform each record and pick its source-side id (pure)."""
+    """Transform each record and pick its source-side id and ticker (pure)."""
     out: list[Evaluated] = []
     id_path = mapping.id
+    symbol_path = mapping.symbol
     for payload in payloads:
         result = transform(payload, mapping)
-        record_id = None
-        if id_path and isinstance(result, Unified):
-            found = lookup(payload, id_path)
-            if isinstance(found, str | int | float) and not isinstance(found, bool):
-                record_id = str(found)
-        out.append((result, record_id))
+        upstream_id: str | None = None
+        symbol: str | None = None
+        if isinstance(result, Unified):
+            if id_path:
+                found = record_id(lookup(payload, id_path))
+                if isinstance(found, Rejection):
+                    out.append((found, None, None))
+                    continue
+                upstream_id = found
+            if symbol_path:
+                symbol = canonical_symbol(lookup(payload, symbol_path))
+        out.append((result, upstream_id, symbol))
     return out
+
+
+def source_key(result: Unified, upstream_id: str | None) -> str:
+    """A record's key in its source: its upstream id, else its canonical name (a
+    source without ids, or a record whose id is absent)."""
+    return upstream_id if upstream_id is not None else result.name

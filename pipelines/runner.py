@@ -26,8 +26,9 @@ import structlog
 from persistence import batches, raw, runs
 from persistence.batches import BatchCounts
 from persistence.types import Conn
-from pipelines.config import SourceConfig
+from pipelines.config import SourceConfig, id_sources, load_sources
 from pipelines.errors import InjectedFailure, RunRecordError, SourceError
+from pipelines.identity import Resolver, load_identity
 from pipelines.prepare import Prepared, prepare
 from pipelines.records import Chunk
 from pipelines.settings import Settings
@@ -126,6 +127,7 @@ class Runner:
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()
         self._read_total = 0
+        self._resolver: Resolver | None = None
 
     @property
     def running(self) -> bool:
@@ -336,6 +338,11 @@ class Runner:
 
     async def _ingest(self, run_id: uuid.UUID, states: Sequence[_SourceState], log_: Any) -> None:
         sources = [s.config for s in states]
+        # Identity is decided against every declared source, run or not; the
+        # identity file is read again each run, so a changed one applies to new keys.
+        declared = id_sources(load_sources(self.settings))
+        rules = load_identity(self.settings.identity_file, self.settings.sources_file, declared)
+        self._resolver = Resolver(rules, declared)
         queue: asyncio.Queue[tuple[_SourceState, Prepared | _End]] = asyncio.Queue(QUEUE_CHUNKS)
         batch_size = self._batch_size()
         http_session = await self._http_session(sources)
@@ -510,6 +517,7 @@ class Runner:
         counts = BatchCounts(fetched=prepared.fetched)
         cols = prepared.columns
         if outcome.error is None:
+            assert self._resolver is not None
             async with self.pool.acquire() as conn:
                 (
                     inserted,
@@ -520,6 +528,7 @@ class Runner:
                     source.raw_table,
                     cols,
                     state.insert_mode,
+                    resolver=self._resolver,
                     source=source.name,
                     priority=source.priority,
                     run_id=run_id,

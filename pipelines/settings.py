@@ -157,6 +157,8 @@ class Settings:
     """Overrides the location of the ``csv`` source."""
     json_source_path: Path | None = _env("JSON_SOURCE_PATH", _existing_file)
     """Overrides the location of the ``json`` source."""
+    identity_file: Path | None = _env("IDENTITY_FILE", _existing_file)
+    """Forced links and splits; ``None``: ``identity.toml`` beside the sources file, if any."""
     etl_interval_seconds: float = _env("ETL_INTERVAL_SECONDS", _number(0), 300.0)
     """Pause between runs of the ingestion loop; 0 means only the startup run."""
     etl_on_startup: bool = _env("ETL_ON_STARTUP", _bool, True)

@@ -25,6 +25,10 @@ _ZERO = timedelta(0)
 # bytes, so a longer name would fail its whole batch. 500 characters of UTF-8 stay
 # within 2000 bytes, far beyond any real asset name.
 MAX_NAME_LENGTH = 500
+#: A record's id is a key of ``unified_links`` (a B-tree entry too).
+MAX_ID_LENGTH = 500
+#: Longer tickers are ignored: no real one is that long.
+MAX_SYMBOL_LENGTH = 100
 
 
 @dataclass(slots=True)
@@ -50,6 +54,33 @@ def canonical_name(raw: str) -> str:
         # NFKC leaves ASCII alone and case folding is lower(): the common case, cheaply.
         return " ".join(raw.lower().split())
     return " ".join(unicodedata.normalize("NFKC", raw).casefold().split())
+
+
+def canonical_symbol(raw: Any) -> str | None:
+    """A ticker, compared like names; ``None`` when absent or unusable (it is evidence
+    for identity only, so a bad one is dropped rather than rejected)."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        raw = str(raw)
+    if not isinstance(raw, str) or "\x00" in raw or "\ufffd" in raw:
+        return None
+    text = canonical_name(raw)
+    if not text or len(text) > MAX_SYMBOL_LENGTH:
+        return None
+    return text
+
+
+def record_id(raw: Any) -> str | Rejection | None:
+    """The record's upstream id as text, ``None`` when it has none, or why it is unusable."""
+    if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+        return None
+    text = str(raw)
+    if not text.strip():
+        return None
+    if "\x00" in text or "\ufffd" in text:
+        return Rejection("id", "contains a NUL or unreadable character")
+    if len(text) > MAX_ID_LENGTH:
+        return Rejection("id", f"too long ({len(text)} characters, at most {MAX_ID_LENGTH})")
+    return text
 
 
 def lookup(record: Any, path: str) -> Any:

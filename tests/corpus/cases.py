@@ -567,7 +567,9 @@ CASES: tuple[Case, ...] = (
         outcome="coerced",
         raw=2,
         unified=(("strasse", 3.5, "2026-01-02T00:00:00Z"),),
-        why="case folding: Straße and STRASSE are one entity (the newer value wins)",
+        why="case folding: Straße and STRASSE are one entity (the newer value wins); "
+        "read without ids, since two ids are two entities whatever their names",
+        mapping={"name": "name", "value": "current_price", "observed_at": "last_updated"},
     ),
     Case(
         file="names_nbsp.json",

@@ -16,7 +16,10 @@ import msgspec
 
 from persistence import batches
 from persistence.batches import BatchColumns, InsertMode
+from pipelines.identity import IdentityRules, Resolver
 from pipelines.records import make_record
+
+RESOLVER = Resolver(IdentityRules(), {"csv": False})
 
 TABLE = "raw_csv_data"
 
@@ -42,6 +45,7 @@ async def _write(conn: Any, cols: BatchColumns, mode: InsertMode) -> tuple[int, 
         TABLE,
         cols,
         mode,
+        resolver=RESOLVER,
         source="csv",
         priority=0,
         run_id=uuid.uuid4(),
@@ -153,6 +157,7 @@ async def test_special_characters_and_edge_values_arrive_as_they_were(
             TABLE,
             cols,
             InsertMode(),
+            resolver=RESOLVER,
             source="csv",
             priority=0,
             run_id=uuid.uuid4(),
