@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import msgspec
@@ -22,9 +22,16 @@ from persistence.types import Conn, Queryable
 
 _json = msgspec.json.Encoder()
 
-#: Decides the links of a source's new keys (``pipelines.identity.Resolver``):
-#: ``(conn, source, new keys) -> one link per key``, inside the batch's transaction.
-Resolver = Callable[[Conn, str, Sequence[NewKey]], Awaitable[list[NewLink]]]
+
+class Resolver(Protocol):
+    """Decides the links of a source's new keys (``pipelines.identity.Resolver``)."""
+
+    async def __call__(self, conn: Conn, source: str, keys: Sequence[NewKey]) -> list[NewLink]:
+        """The link of each key, in order."""
+
+    async def plain(self, conn: Conn, source: str) -> bool:
+        """Whether each new key of ``source`` that is a canonical name without a
+        ticker starts a row of its own named by the key, with nothing to compare."""
 
 
 @dataclass(slots=True)
@@ -176,8 +183,8 @@ def _write_batch_sql(table: str, optimistic: bool) -> str:
     # upsert, and the checkpoint and run counters move in the same statement.
     # Data-modifying CTEs always run to completion, referenced or not.
     #
-    # Identity: every key of the batch has a link, stored or in $15 (the new
-    # ones, decided by the caller); $14 maps each key whose row is named
+    # Identity: every key of the batch has a link, stored or in $15 and $17 (the
+    # new ones, decided by the caller); $14 maps each key whose row is named
     # otherwise than the key itself to that row, so the statement looks no link
     # up (see SourceLinks); $16 holds the known keys seen under a new name or
     # ticker.
@@ -228,6 +235,11 @@ new_links AS (
     INSERT INTO unified_links (source, source_key, name, rule, confidence, names_seen, symbol)
     SELECT $1, x->>0, x->>1, x->>2, (x->>3)::float8, ARRAY[x->>4], x->>5
     FROM jsonb_array_elements($15::jsonb) AS x
+),
+own_links AS (
+    -- New keys that are canonical names, each starting the row of its name.
+    INSERT INTO unified_links (source, source_key, name, rule, confidence, names_seen)
+    SELECT $1, k, k, 'new', 1.0, ARRAY[k] FROM unnest($17::text[]) AS k
 ),
 seen AS (
     -- A known key under a new name or ticker: the link remembers it (a name
@@ -375,6 +387,7 @@ async def write_batch(
     optimistic: bool = False,
     rows: Mapping[str, str] | None = None,
     new_links: Sequence[tuple[NewLink, NewKey]] = (),
+    own_rows: Sequence[str] = (),
     seen: Sequence[tuple[str, str, str | None]] = (),
 ) -> Written:
     """Commit one batch: new raw records, rejections, new links, unified winners,
@@ -389,6 +402,8 @@ async def write_batch(
         rows: the row of each key of the batch whose row is not named like the
             key (a key missing here belongs to the row of its own name).
         new_links: links to store, for keys that have none yet.
+        own_rows: new keys, canonical names without a ticker, each linked to the
+            row of its own name.
         seen: known keys seen under a new name or ticker: ``(key, name, symbol)``.
     """
     row = await conn.fetchrow(
@@ -414,6 +429,7 @@ async def write_batch(
             ]
         ).decode(),
         _json.encode(seen).decode(),
+        list(own_rows),
     )
     assert row is not None
     return Written(int(row["inserted"]), int(row["rejected"]), int(row["upserted"]))
@@ -457,6 +473,14 @@ class SourceLinks:
     """
 
     known: dict[str, KnownKey] = field(default_factory=dict)
+    any_stored: bool | None = None
+    """Whether the source had links when the run met it (``None``: not asked
+    yet). Without any, a key not in ``known`` is new: no look-up."""
+
+
+KNOWN_KEYS_MAX = 200_000
+"""Keys remembered per source and run; past that the memory is started afresh
+(keys are then looked up again), so a source of millions of names stays bounded."""
 
 
 def _raw_unique_constraint(table: str) -> str:
@@ -476,8 +500,18 @@ BATCH_SETTINGS = (
     "SET LOCAL enable_mergejoin = off"
 )
 
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """The links of a batch's new keys."""
+
+    own_rows: list[str] = field(default_factory=list)
+    """Keys that are canonical names, each linked to the row of its name."""
+    links: list[tuple[NewLink, NewKey]] = field(default_factory=list)
+
+
 #: Decides the links of a batch's new keys inside its transaction.
-Decide = Callable[[Conn], Awaitable[list[tuple[NewLink, NewKey]]]]
+Decide = Callable[[Conn], Awaitable[Decided]]
 
 
 async def _write_batch_tuned(
@@ -487,26 +521,34 @@ async def _write_batch_tuned(
     decide: Decide | None,
     rows: dict[str, str],
     **kwargs: Any,
-) -> tuple[Written, list[tuple[NewLink, NewKey]]]:
+) -> tuple[Written, Decided]:
     async with conn.transaction():
         await conn.execute(BATCH_SETTINGS)
-        decided: list[tuple[NewLink, NewKey]] = []
+        decided = Decided()
         if decide is not None:
             # New keys: decided under the identity lock, against every link
             # committed before, and written in the same transaction.
             await conn.execute("SELECT pg_advisory_xact_lock($1)", IDENTITY_LOCK_KEY)
             decided = await decide(conn)
             rows = dict(rows)
-            for link, _ in decided:
+            for link, _ in decided.links:
                 if link.entity != link.key:
                     rows[link.key] = link.entity
-        written = await write_batch(conn, table, cols, rows=rows, new_links=decided, **kwargs)
+        written = await write_batch(
+            conn,
+            table,
+            cols,
+            rows=rows,
+            new_links=decided.links,
+            own_rows=decided.own_rows,
+            **kwargs,
+        )
         return written, decided
 
 
 async def _write_raw_adaptive(
     conn: Conn, table: str, cols: BatchColumns, mode: InsertMode, **kwargs: Any
-) -> tuple[Written, list[tuple[NewLink, NewKey]]]:
+) -> tuple[Written, Decided]:
     """:func:`write_batch`, optimistic while records keep being new."""
     if mode.careful == 0:
         try:
@@ -543,32 +585,48 @@ async def write_batch_adaptive(
     Returns:
         ``(raw_inserted, rejected, unified_upserted)``.
     """
-    known = mode.links.known
+    cache = mode.links
+    if len(cache.known) > KNOWN_KEYS_MAX:
+        cache.known.clear()
+        cache.any_stored = None
+    known = cache.known
     keys = cols.keys if cols.keys is not None else _keys_of(cols)
-    unseen = [k[0] for k in keys if k[0] not in known]
+    if cache.any_stored is None:
+        cache.any_stored = await links.any_links(conn, source)
+    unseen = [k[0] for k in keys if k[0] not in known] if cache.any_stored else []
     if unseen:
         stored = await links.linked_keys(conn, source, unseen)
         for stored_key, (stored_row, stored_names, stored_ticker) in stored.items():
             known[stored_key] = _known(stored_key, stored_row, tuple(stored_names), stored_ticker)
-    new = [
-        NewKey(key, name, symbol, value, observed_at or ingested_at)
-        for key, name, symbol, value, observed_at in keys
-        if key not in known
-    ]
+    new: list[BatchKey] = []
     rows: dict[str, str] = {}
     seen: list[tuple[str, str, str | None]] = []
-    for key, name, symbol, _, _ in keys:
+    for batch_key in keys:
+        key, name, symbol = batch_key[0], batch_key[1], batch_key[2]
         if key not in known:
+            new.append(batch_key)
             continue
         entry = known[key]
-        entity, names, stored_symbol = entry if entry is not None else (key, (key,), None)
+        if entry is None:
+            if name != key or symbol is not None:
+                seen.append((key, name, symbol))
+            continue
+        entity, names, stored_symbol = entry
         if entity != key:
             rows[key] = entity
         if name not in names or (symbol is not None and symbol != stored_symbol):
             seen.append((key, name, symbol))
+    # The common first load: keys that are canonical names without tickers.
+    named = all(k[0] == k[1] and k[2] is None for k in new)
 
-    async def decide(tx: Conn) -> list[tuple[NewLink, NewKey]]:
-        return list(zip(await resolver(tx, source, new), new, strict=True))
+    async def decide(tx: Conn) -> Decided:
+        if named and await resolver.plain(tx, source):
+            return Decided(own_rows=[k[0] for k in new])
+        pending = [
+            NewKey(key, name, symbol, value, observed_at or ingested_at)
+            for key, name, symbol, value, observed_at in new
+        ]
+        return Decided(links=list(zip(await resolver(tx, source, pending), pending, strict=True)))
 
     written, decided = await _write_raw_adaptive(
         conn,
@@ -582,7 +640,8 @@ async def write_batch_adaptive(
         seen=seen,
         **kwargs,
     )
-    for link, decided_key in decided:
+    known.update(dict.fromkeys(decided.own_rows))
+    for link, decided_key in decided.links:
         known[link.key] = _known(link.key, link.entity, (decided_key.name,), decided_key.symbol)
     for seen_key, seen_name, seen_symbol in seen:
         was = known[seen_key]

@@ -71,7 +71,7 @@ def _member(row: Any) -> Member:
 OTHER_SOURCES_LINKS = """
 SELECT l.source, l.source_key, l.name, l.names_seen, l.symbol, u.value, u.observed_at
 FROM unified_links l LEFT JOIN unified_data u ON u.name = l.name
-WHERE l.source <> $1
+WHERE l.source < $1 OR l.source > $1  -- index ranges: "<>" would scan this source too
 ORDER BY l.name, l.source, l.source_key
 """
 
@@ -80,6 +80,17 @@ async def other_sources_links(conn: Queryable, source: str) -> list[Member]:
     """Every link of the sources other than ``source``: the candidates new keys are
     compared with."""
     return [_member(row) for row in await conn.fetch(OTHER_SOURCES_LINKS, source)]
+
+
+async def other_sources_linked(conn: Queryable, source: str) -> bool:
+    """Whether a source other than ``source`` has links."""
+    # Two ranges of the primary key: "<>" would scan this source's links too.
+    found: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM unified_links WHERE source < $1) "
+        "OR EXISTS (SELECT FROM unified_links WHERE source > $1)",
+        source,
+    )
+    return found
 
 
 RENAMED_KEYS = """
@@ -199,6 +210,13 @@ async def drop_links(conn: Conn, keys: Sequence[tuple[str, str]]) -> int:
         DROP_LINKS, [source for source, _ in keys], [key for _, key in keys]
     )
     return int(result.rsplit(" ", 1)[-1])
+
+
+async def any_links(conn: Conn, source: str) -> bool:
+    found: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM unified_links WHERE source = $1)", source
+    )
+    return found
 
 
 LINKED_KEYS = """

@@ -59,8 +59,14 @@ CLOSE_SECONDS = 3600.0
 """Observations this close in time can be compared by value."""
 AGREE_RATIO = 1.1
 DISAGREE_RATIO = 1.5
+MIN_CORE_LETTERS = 3
+"""Letters a name must keep without its generic words to be compared so."""
 SUFFIX_MAX = 100
 """Characters of a key kept in the name of a row that needs telling apart."""
+
+
+def _says_something(core: str) -> bool:
+    return sum(c.isalpha() for c in core) >= MIN_CORE_LETTERS
 
 
 def words(text: str) -> list[str]:
@@ -107,9 +113,9 @@ def traits(key: str, names: Sequence[str], symbol: str | None, *, is_id: bool) -
             variants.append(parts[1:])
         for variant in variants:
             slugs.add("".join(variant))
-            slug_cores.add(
-                "".join(p for p in variant if p not in GENERIC_WORDS) or "".join(variant)
-            )
+            slug_core = "".join(p for p in variant if p not in GENERIC_WORDS)
+            if _says_something(slug_core):
+                slug_cores.add(slug_core)
             if len(variant) > 1:
                 slug_words.add(tuple(sorted(variant)))
         numbered = (
@@ -200,15 +206,20 @@ def compare(
     bonus = 0.03 if values == "agree" else 0.0
     if same_name:
         return Evidence(0.9 + (0.05 if symbols == "equal" else 0.0) + bonus, "name")
-    if symbols == "equal" and new.core == old.core:
+    # A name is compared without its generic words only when what is left says
+    # something: "Coin 5" and "Token 5" are not one asset.
+    same_core = new.core == old.core and _says_something(new.core)
+    if symbols == "equal" and same_core:
         return Evidence(0.88 + bonus, "symbol")
     if slug == "name":
         return Evidence(0.85 + bonus, "id")
-    if symbols == "unknown" and new.core == old.core:
+    if symbols == "unknown" and same_core:
         return Evidence(0.8 + bonus, "name")
     if (
         symbols == "equal"
         and values == "agree"
+        and _says_something(new.core)
+        and _says_something(old.core)
         and fuzz.token_set_ratio(" ".join(new.core_words), " ".join(old.core_words)) >= 70
     ):
         return Evidence(0.75, "value")
@@ -224,11 +235,15 @@ def _slug_relation(a: Traits, b: Traits) -> str | None:
         if a.slug_words & b.slug_words:
             return "words"
     # One side's id spells the other's name: "binancecoin" and "Binance Coin".
-    if not a.numbered and a.slugs & {b.compact, b.core}:
+    if not a.numbered and a.slugs & _spellings(b):
         return "name"
-    if not b.numbered and b.slugs & {a.compact, a.core}:
+    if not b.numbered and b.slugs & _spellings(a):
         return "name"
     return None
+
+
+def _spellings(t: Traits) -> set[str]:
+    return {t.compact, t.core} if _says_something(t.core) else {t.compact}
 
 
 # -- the identity file -----------------------------------------------------------------
@@ -522,19 +537,28 @@ class Resolver:
         self._plain: dict[str, bool] = {}
         """Sources whose every link names the row by its key (see ``__call__``)."""
 
+    async def plain(self, conn: Conn, source: str) -> bool:
+        """Whether a new key of ``source`` that is a canonical name starts a row of
+        its own named by the key: nothing to compare with (no other source has
+        links, the identity file links nothing) and every row of the source is
+        named by its key, so none holds that name yet."""
+        if self.id_sources.get(source, False) or self.rules.groups:
+            return False
+        if await links.other_sources_linked(conn, source):
+            return False
+        if source not in self._plain:
+            # Stays true for the run: without other sources' links, this
+            # source's new rows are named by their keys.
+            self._plain[source] = not await links.renamed_keys(conn, source)
+        return self._plain[source]
+
     async def __call__(self, conn: Conn, source: str, keys: Sequence[NewKey]) -> list[NewLink]:
-        others = await links.other_sources_links(conn, source)
         is_id = self.id_sources.get(source, False)
+        if all(k.key == k.name for k in keys) and await self.plain(conn, source):
+            return [NewLink(k.key, k.key, "new", 1.0) for k in keys]
+        others = await links.other_sources_links(conn, source)
         if not others and not self.rules.groups:
-            # Nothing to compare with (a first source's first load): every key
-            # starts a row of its own.
-            if not is_id and all(k.key == k.name for k in keys):
-                if source not in self._plain:
-                    self._plain[source] = not await links.renamed_keys(conn, source)
-                if self._plain[source]:
-                    # Every row is the source's own and named by its key: a new
-                    # key (a canonical name not linked yet) names a new row.
-                    return [NewLink(k.key, k.key, "new", 1.0) for k in keys]
+            # Nothing to compare with: every key starts a row of its own.
             return await self._name_new_rows(conn, source, [(k, None) for k in keys], is_id=is_id)
         candidates: dict[str, Candidate] = {}
         for member in others:

@@ -112,6 +112,7 @@ def _get_paths(run_id: str) -> list[str]:
         if not isinstance(route, HTTPRoute) or "GET" not in route.methods:
             continue
         path = route.path.replace("{run_id:uuid}", run_id).replace("{path:str}", "openapi.json")
+        path = path.replace("{name:str}", "coin%200")
         if path == "/compare-runs":
             path += f"?a={run_id}&b={run_id}"
         paths.append(path)

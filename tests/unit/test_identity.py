@@ -87,6 +87,15 @@ def test_a_shared_ticker_alone_links_nothing() -> None:
     assert compare(toncoin, tokamak, "agree") is None
 
 
+@pytest.mark.parametrize("values", ["unknown", "agree"])
+def test_names_that_are_only_generic_words_and_numbers_link_nothing(values: str) -> None:
+    assert (
+        compare(key("coin 5", "Coin 5", None, is_id=False), key("c5", "Token 5", None), values)
+        is None
+    )
+    assert compare(key("coin-5", "Coin 5", "c"), key("token-5", "Token 5", "c"), values) is None
+
+
 def test_a_numbered_id_needs_agreeing_values() -> None:
     # CoinGecko's "beam-2": the upstream itself had to tell two Beams apart.
     gaming = key("beam-2", "Beam", "beam")

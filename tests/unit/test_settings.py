@@ -190,9 +190,11 @@ def test_a_childs_environment_gives_back_the_very_settings(
     sources_file: Path, tmp_path: Path
 ) -> None:
     (tmp_path / "prices.csv").write_text("name,value,updated_at\n")
+    (tmp_path / "identity.toml").write_text("")
     settings = load_settings(
         {
             "SOURCES_FILE": str(sources_file),
+            "IDENTITY_FILE": str(tmp_path / "identity.toml"),
             "DATABASE_URL": "postgresql://u:p%40ss@db:6432/k",  # pragma: allowlist secret
             "API_KEY": "one, two",  # pragma: allowlist secret
             "CSV_SOURCE_PATH": str(tmp_path / "prices.csv"),
