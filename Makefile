@@ -31,10 +31,11 @@ test-slow: $(STAMP) ## the fault-injection scenarios (kill, outage, hostile upst
 test-all: $(STAMP) ## every test
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff and mypy --strict
+lint: $(STAMP) ## ruff, mypy --strict and the import layers (app > pipelines > observability > persistence > config)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: $(STAMP) ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .

@@ -26,8 +26,8 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if not url:
         # Plain `alembic upgrade head`: use the service's own settings.
+        from config.settings import load_settings
         from persistence.database import resolve_database_url
-        from pipelines.settings import load_settings
 
         url = resolve_database_url(load_settings())
     from persistence.database import sqlalchemy_url

@@ -13,12 +13,12 @@ from typing import Any
 
 import msgspec
 
+from config.errors import ConfigError
+from config.settings import Settings, load_settings
+from config.sources import load_sources, select_sources
 from observability.logging import StatusLine, configure_logging, status_line
 from persistence.batches import BatchCounts, reset_checkpoint
 from persistence.database import create_pool, resolve_database_url, run_migrations
-from pipelines.config import load_sources, select_sources
-from pipelines.errors import ConfigError
-from pipelines.settings import Settings, load_settings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -188,7 +188,7 @@ async def _etl_reset(settings: Settings, name: str) -> int:
 
 
 async def _etl_reprocess(settings: Settings) -> int:
-    from pipelines.config import id_sources
+    from config.sources import id_sources
     from pipelines.identity import load_identity
     from pipelines.reprocess import reprocess
 

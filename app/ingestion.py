@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import structlog
 
+from config.errors import KasparroError
 from observability.metrics import Metrics
-from pipelines.errors import KasparroError
 from pipelines.runner import SKIPPED
 
 log = structlog.get_logger("kasparro.loop")

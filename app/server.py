@@ -40,13 +40,13 @@ from app.ingestion import RunnerLike
 from app.middleware import RequestContext
 from app.security import API_KEY_HEADER, SECURITY_SCHEME
 from app.service import Service
+from config.errors import ConfigError
+from config.settings import Settings
+from config.sources import SourceConfig, load_sources
 from observability.logging import configure_logging
 from observability.metrics import Metrics
 from persistence import changes, runs
 from persistence.database import resolve_database_url, run_migrations
-from pipelines.config import SourceConfig, load_sources
-from pipelines.errors import ConfigError
-from pipelines.settings import Settings
 
 log = structlog.get_logger("kasparro.server")
 

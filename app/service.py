@@ -24,12 +24,12 @@ import structlog
 from app.ingestion import DEFAULT_STOP_TIMEOUT, IngestionLoop, RunnerLike
 from app.page_cache import PageCache
 from app.subprocess_runner import SubprocessRunner
+from config.settings import Settings
+from config.sources import SourceConfig
 from observability.metrics import Metrics
 from persistence import metric_totals, reads
 from persistence.database import create_pool, resolve_database_url
-from pipelines.config import SourceConfig
 from pipelines.runner import Runner
-from pipelines.settings import Settings
 
 log = structlog.get_logger("kasparro.service")
 

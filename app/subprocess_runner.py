@@ -33,11 +33,11 @@ import asyncpg
 import msgspec
 import structlog
 
+from config.errors import KasparroError
+from config.settings import Settings, environment
 from observability.metrics import Metrics
 from persistence import runs
-from pipelines.errors import KasparroError
 from pipelines.runner import skipped
-from pipelines.settings import Settings, environment
 
 log = structlog.get_logger("kasparro.subprocess_runner")
 

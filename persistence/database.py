@@ -12,8 +12,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
-from pipelines.errors import ConfigError
-from pipelines.settings import Settings
+from config.errors import ConfigError
+from config.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_DATABASE = "kasparro"

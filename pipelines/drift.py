@@ -79,7 +79,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from pipelines.config import FieldMapping, SourceConfig
+from config.sources import FieldMapping, SourceConfig
 from pipelines.transform import is_missing, lookup
 
 Schema = dict[str, str]

@@ -32,10 +32,10 @@ from pathlib import Path
 import msgspec
 from rapidfuzz import fuzz
 
+from config.errors import ConfigError
 from persistence import links
 from persistence.links import Member, NewKey, NewLink
 from persistence.types import Conn
-from pipelines.errors import ConfigError
 from pipelines.transform import canonical_name
 
 # Words that name the kind of thing rather than the thing: "Curve DAO Token" is

@@ -23,8 +23,8 @@ from collections.abc import AsyncGenerator, Mapping
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from pipelines.config import SourceConfig
-from pipelines.errors import SourceError
+from config.errors import SourceError
+from config.sources import SourceConfig
 from pipelines.prepare import Prepared, prepare
 from pipelines.sources.files import file_chunks, read_error
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
+from config.sources import FieldMapping, SourceConfig
 from persistence.batches import BatchColumns, BatchKey, BatchRow, batch_keys, encode_rows
-from pipelines.config import FieldMapping, SourceConfig
 from pipelines.drift import DriftOutcome, detect_drift
 from pipelines.records import Chunk, RawRecord
 from pipelines.transform import (

@@ -9,11 +9,11 @@ import asyncpg
 import msgspec
 import structlog
 
+from config.sources import SourceConfig, id_sources
 from persistence import batches, links, runs
 from persistence.batches import UnifiedRow
 from persistence.links import IDENTITY_LOCK_KEY, NewKey, StoredLink
 from persistence.types import Conn
-from pipelines.config import SourceConfig, id_sources
 from pipelines.drift import detect_drift
 from pipelines.identity import IdentityRules, Resolver, SourceKey
 from pipelines.prepare import evaluate, source_key

@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import structlog
 
+from config.errors import InjectedFailure, RunRecordError, SourceError
+from config.settings import Settings
+from config.sources import SourceConfig, id_sources, load_sources
 from persistence import batches, raw, runs
 from persistence.batches import BatchCounts
 from persistence.types import Conn
-from pipelines.config import SourceConfig, id_sources, load_sources
-from pipelines.errors import InjectedFailure, RunRecordError, SourceError
 from pipelines.identity import Resolver, load_identity
 from pipelines.prepare import Prepared, prepare
 from pipelines.records import Chunk
-from pipelines.settings import Settings
 from pipelines.sources.files import read_csv, read_json, unread_bytes
 
 if TYPE_CHECKING:

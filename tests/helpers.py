@@ -21,11 +21,11 @@ from typing import Any
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
+from config.settings import Settings, load_settings
+from config.sources import load_sources
 from observability.metrics import Metrics, exposition
 from persistence.metric_totals import read_totals
-from pipelines.config import load_sources
 from pipelines.runner import Runner
-from pipelines.settings import Settings, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

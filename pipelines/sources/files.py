@@ -30,8 +30,8 @@ from typing import Any, BinaryIO
 
 import msgspec
 
-from pipelines.config import SourceConfig
-from pipelines.errors import SourceError
+from config.errors import SourceError
+from config.sources import SourceConfig
 from pipelines.records import Chunk, RawRecord, make_record
 from pipelines.sources.stored import StoredLookup, mark_stored
 

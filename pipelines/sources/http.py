@@ -28,8 +28,8 @@ import structlog
 from aiolimiter import AsyncLimiter
 from yarl import URL
 
-from pipelines.config import SourceConfig
-from pipelines.errors import SourceError
+from config.errors import SourceError
+from config.sources import SourceConfig
 from pipelines.records import Chunk, make_record
 from pipelines.sources.files import loads_lenient
 from pipelines.sources.stored import StoredLookup, mark_stored

@@ -24,8 +24,8 @@ from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.server import create_app
+from config.settings import Settings
 from observability.metrics import Metrics
-from pipelines.settings import Settings
 
 KEY_A = "key-alpha-0123456789"
 KEY_B = "key-bravo-9876543210"

@@ -17,7 +17,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from app.server import create_app
-from pipelines.settings import Settings
+from config.settings import Settings
 from tests.pg_proxy import PgProxy
 
 KEY = "health-key-123"

@@ -15,9 +15,9 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from app.server import create_app
-from pipelines.config import load_sources
+from config.settings import Settings
+from config.sources import load_sources
 from pipelines.reprocess import reprocess
-from pipelines.settings import Settings
 from tests.helpers import (
     append_csv,
     csv_entry,

@@ -27,8 +27,8 @@ from litestar.testing import AsyncTestClient
 from structlog.testing import capture_logs
 
 from app.server import create_app
-from pipelines.config import FieldMapping, load_sources
-from pipelines.settings import Settings
+from config.settings import Settings
+from config.sources import FieldMapping, load_sources
 from pipelines.transform import Rejection, transform
 from tests.corpus.cases import CASES, Case
 from tests.helpers import RAW_TABLES, make_settings, run_etl, write_sources

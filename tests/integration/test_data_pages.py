@@ -27,8 +27,8 @@ from litestar.testing import AsyncTestClient
 from app.page_cache import PageCache
 from app.schemas import DataItem
 from app.server import create_app
+from config.settings import Settings
 from persistence.reads import DataPage
-from pipelines.settings import Settings
 
 KEY = "key-pages-0123456789"
 AUTH = {"x-api-key": KEY}

@@ -18,10 +18,10 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from config.settings import Settings
+from config.sources import load_sources
 from observability.metrics import Metrics
-from pipelines.config import load_sources
 from pipelines.runner import Runner
-from pipelines.settings import Settings
 from pipelines.transform import canonical_name
 from tests.helpers import (
     REPO_ROOT,

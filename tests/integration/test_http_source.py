@@ -16,8 +16,8 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from pipelines.config import FieldMapping, SourceConfig
-from pipelines.errors import SourceError
+from config.errors import SourceError
+from config.sources import FieldMapping, SourceConfig
 from pipelines.records import Chunk
 from pipelines.sources import http
 from pipelines.sources.http import read_http

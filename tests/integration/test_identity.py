@@ -16,7 +16,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from app.server import create_app
-from pipelines.config import load_sources
+from config.sources import load_sources
 from pipelines.identity import load_identity
 from pipelines.reprocess import reprocess
 from tests.fakes.upstream import FakeUpstream

@@ -26,10 +26,10 @@ from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.server import create_app
+from config.settings import Settings
 from persistence import runs
 from persistence.database import alembic_upgrade, run_migrations, with_database
 from persistence.metric_totals import read_totals
-from pipelines.settings import Settings
 from tests.conftest import _admin
 from tests.helpers import (
     cli_env,

@@ -195,7 +195,7 @@ async def test_a_consumer_cancelled_mid_transfer_leaves_no_reader_behind(tmp_pat
     # cancelled then must not terminate the parse process under a reader thread
     # that is half way through a chunk (it would wait forever for the rest, and
     # the event loop's shutdown with it).
-    from pipelines.config import load_sources
+    from config.sources import load_sources
     from pipelines.parse_process import prepared_in_process
 
     write_csv(tmp_path / "big.csv", csv_rows(120_000))
@@ -240,7 +240,7 @@ _KILLED_MID_CHUNK = """
 import asyncio, fcntl, os, signal, sys, termios
 from array import array
 
-from pipelines.config import load_sources
+from config.sources import load_sources
 from pipelines.parse_process import ParseProcessError, prepared_in_process
 from tests.helpers import make_settings
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import asyncpg
 
-from pipelines.config import load_sources
+from config.settings import Settings
+from config.sources import load_sources
 from pipelines.reprocess import reprocess
-from pipelines.settings import Settings
 from tests.helpers import (
     coin,
     csv_entry,

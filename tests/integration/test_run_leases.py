@@ -17,8 +17,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from config.sources import load_sources
 from persistence import runs
-from pipelines.config import load_sources
 from pipelines.runner import Runner
 from tests.helpers import (
     cli_env,

@@ -111,8 +111,8 @@ async def test_the_service_side_of_an_interrupted_run_writes_its_end_with_its_id
 async def test_a_run_closing_another_writes_that_run_s_end_with_its_id(
     tmp_path: Path, pool: asyncpg.Pool[Any], database_url: str
 ) -> None:
+    from config.sources import load_sources
     from persistence import runs
-    from pipelines.config import load_sources
     from pipelines.runner import Runner
 
     write_csv(tmp_path / "prices.csv", csv_rows(3))

@@ -18,11 +18,11 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from app.server import create_app
+from config.settings import Settings
+from config.sources import load_sources
 from observability.metrics import Metrics
 from persistence.database import create_pool
-from pipelines.config import load_sources
 from pipelines.runner import Runner
-from pipelines.settings import Settings
 from tests.helpers import (
     coin,
     csv_entry,

@@ -11,8 +11,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from pipelines.config import load_sources
-from pipelines.errors import ConfigError
+from config.errors import ConfigError
+from config.sources import load_sources
 from tests.fakes.upstream import FakeUpstream, Fault
 from tests.helpers import cli_env, make_settings, run_cli, ticker, write_sources
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from pipelines.config import load_sources
+from config.sources import load_sources
 from pipelines.reprocess import reprocess
 from tests.helpers import (
     coin,

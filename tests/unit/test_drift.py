@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pipelines.config import DriftPolicy, FieldMapping, Kind, SourceConfig
+from config.sources import DriftPolicy, FieldMapping, Kind, SourceConfig
 from pipelines.drift import DriftEvent, detect_drift, name_similarity, observe_schema
 from pipelines.transform import Unified, transform
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pipelines.config import FieldMapping, SourceConfig
-from pipelines.errors import SourceError
+from config.errors import SourceError
+from config.sources import FieldMapping, SourceConfig
 from pipelines.records import Chunk
 from pipelines.sources.files import read_csv, read_json
 from tests.helpers import csv_bytes, csv_rows, row_end_offsets

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from config.errors import ConfigError
 from persistence.links import Member, NewKey, StoredLink
-from pipelines.errors import ConfigError
 from pipelines.identity import (
     VETO,
     Candidate,

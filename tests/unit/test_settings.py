@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import load_sources, select_sources
-from pipelines.errors import ConfigError
-from pipelines.settings import environment, load_settings
+from config.errors import ConfigError
+from config.settings import environment, load_settings
+from config.sources import load_sources, select_sources
 from tests.helpers import CSV_MAPPING, api_entry, csv_entry, json_entry, write_sources
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipelines.config import FieldMapping, SourceConfig
+from config.sources import FieldMapping, SourceConfig
 from pipelines.prepare import prepare
 from pipelines.records import Chunk, make_record
 from pipelines.sources.stored import mark_stored

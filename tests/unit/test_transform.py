@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipelines.config import FieldMapping
+from config.sources import FieldMapping
 from pipelines.transform import (
     Rejection,
     Unified,

@@ -10,8 +10,8 @@ from typing import Literal
 
 import msgspec
 
-from pipelines.errors import ConfigError
-from pipelines.settings import Settings, check_http_url, variables
+from config.errors import ConfigError
+from config.settings import Settings, check_http_url, variables
 
 Kind = Literal["http", "csv", "json"]
 DriftPolicy = Literal["evolve", "freeze"]
