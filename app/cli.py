@@ -19,6 +19,8 @@ from config.sources import load_sources, select_sources
 from observability.logging import StatusLine, configure_logging, status_line
 from persistence.batches import BatchCounts, reset_checkpoint
 from persistence.database import create_pool, resolve_database_url, run_migrations
+from persistence.runs import Run
+from pipelines.runner import Skipped
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -105,26 +107,26 @@ def _progress_printer(line: StatusLine | None) -> Any:
     return show
 
 
-def _print_skipped(result: dict[str, Any]) -> None:
+def _print_skipped(result: Skipped) -> None:
     busy = ", ".join(
-        f"{name} (held by run {s['held_by'] or 'that has just ended'})"
-        for name, s in result["sources"].items()
+        f"{name} (held by run {s.held_by or 'that has just ended'})"
+        for name, s in result.sources.items()
     )
     print(f"skipped: every source is being ingested by another run: {busy}")
 
 
-def _print_summary(run: dict[str, Any], busy: Sequence[str]) -> None:
-    print(f"run {run['id']}: {run['status']} in {run['duration_seconds']:.2f}s")
-    for name, s in run["sources"].items():
+def _print_summary(run: Run, busy: Sequence[str]) -> None:
+    print(f"run {run.id}: {run.status} in {run.duration_seconds or 0:.2f}s")
+    for name, s in run.sources.items():
         line = (
-            f"  {name:<12} {s['status']:<8} fetched={s['fetched']} new={s['raw_inserted']} "
-            f"duplicates={s['duplicates']} rejected={s['rejected']} "
-            f"unified={s['unified_upserted']}"
+            f"  {name:<12} {s.status:<8} fetched={s.fetched} new={s.raw_inserted} "
+            f"duplicates={s.duplicates} rejected={s.rejected} "
+            f"unified={s.unified_upserted}"
         )
-        if s["error"]:
-            line += f"  error: {s['error']}"
+        if s.error:
+            line += f"  error: {s.error}"
         print(line)
-        for event in s.get("drift") or []:
+        for event in s.drift:
             print(f"    drift {event.get('kind')}: {event.get('detail')}")
     for name in busy:
         print(f"  {name:<12} skipped: another run is ingesting it")
@@ -141,7 +143,7 @@ def _migrate(settings: Settings, url: str) -> None:
 
 
 async def _etl_run(args: argparse.Namespace, settings: Settings) -> int:
-    from pipelines.runner import SKIPPED, Runner
+    from pipelines.runner import Runner
 
     names: list[str] = args.source
     sources = select_sources(load_sources(settings), names)
@@ -163,12 +165,12 @@ async def _etl_run(args: argparse.Namespace, settings: Settings) -> int:
             await pool.close()
     if args.json:
         sys.stdout.write(msgspec.json.encode(run).decode() + "\n")
-    elif run["status"] == SKIPPED:
+    elif isinstance(run, Skipped):
         _print_skipped(run)
     else:
-        busy = [s.name for s in sources if s.name not in run["sources"]]
+        busy = [s.name for s in sources if s.name not in run.sources]
         _print_summary(run, busy)
-    return _RUN_EXIT.get(run["status"], EXIT_FAILED)
+    return _RUN_EXIT.get(run.status, EXIT_FAILED)
 
 
 async def _etl_reset(settings: Settings, name: str) -> int:

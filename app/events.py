@@ -35,6 +35,8 @@ import asyncpg
 import msgspec
 import structlog
 
+from persistence.runs import Run
+
 log = structlog.get_logger("kasparro.events")
 
 CHANNEL = "kasparro_events"
@@ -50,7 +52,7 @@ RECENT_RUN_EVENTS = 1024
 """Run events remembered, so that the catch-up after a reconnect sends none twice."""
 
 Connect = Callable[[], Awaitable["asyncpg.Connection[Any]"]]
-FetchRun = Callable[[uuid.UUID], Awaitable["dict[str, Any] | None"]]
+FetchRun = Callable[[uuid.UUID], Awaitable["Run | None"]]
 LatestSeq = Callable[[], Awaitable[int]]
 
 _json = msgspec.json.Encoder()
@@ -295,7 +297,7 @@ class EventHub:
                 return None
             self._recent.append(key)
             run_id = uuid.UUID(str(note["id"]))
-            run: dict[str, Any] | None
+            run: Run | None
             try:
                 async with asyncio.timeout(READ_TIMEOUT_SECONDS):
                     run = await self._fetch_run(run_id)

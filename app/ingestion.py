@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
 from config.errors import KasparroError
 from observability.metrics import Metrics
-from pipelines.runner import SKIPPED
+from persistence.runs import Run
+from pipelines.runner import Skipped
 
 log = structlog.get_logger("kasparro.loop")
 
@@ -34,8 +35,8 @@ class RunnerLike(Protocol):
         names: Sequence[str] | None = None,
         *,
         run_id: uuid.UUID | None = None,
-    ) -> dict[str, Any]:
-        """The run object, or ``{"status": "skipped", ...}`` when nothing ran."""
+    ) -> Run | Skipped:
+        """The run object, or :class:`Skipped` when nothing ran."""
         ...
 
     def request_stop(self) -> None: ...
@@ -157,12 +158,12 @@ class IngestionLoop:
         except Exception as exc:
             self._crashed(exc)
             return
-        if run.get("status") == SKIPPED:
-            log.info("etl_attempt_skipped", trigger=trigger, busy=sorted(run.get("sources") or {}))
+        if isinstance(run, Skipped):
+            log.info("etl_attempt_skipped", trigger=trigger, busy=sorted(run.sources))
             if not self._stopping.is_set():
                 self.state = "crashed" if previous == "crashed" else "scheduled"
             return
-        self.last_status = str(run.get("status"))
+        self.last_status = run.status
         self.last_error = None
         self.runs_completed += 1
         if not self._stopping.is_set():
@@ -217,11 +218,11 @@ class IngestionLoop:
         except Exception as exc:
             self._crashed(exc)
             return
-        if run.get("status") == SKIPPED:
+        if isinstance(run, Skipped):
             # Every source was held by a run elsewhere: nothing was recorded.
-            log.info("etl_attempt_skipped", trigger=trigger, busy=sorted(run.get("sources") or {}))
+            log.info("etl_attempt_skipped", trigger=trigger, busy=sorted(run.sources))
             return
-        self.last_status = str(run.get("status"))
+        self.last_status = run.status
         self.last_error = None
         self.runs_completed += 1
         if self.state == "crashed":

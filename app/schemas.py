@@ -10,6 +10,8 @@ from typing import Any, cast
 
 import msgspec
 
+from persistence.runs import Run
+
 
 class ErrorBody(msgspec.Struct, omit_defaults=True):
     """Every error response."""
@@ -126,29 +128,6 @@ class Stats(msgspec.Struct):
     records_processed_total: int
     unified_records: int
     sources: dict[str, SourceStats]
-
-
-class RunSource(msgspec.Struct):
-    status: str
-    fetched: int
-    raw_inserted: int
-    duplicates: int
-    rejected: int
-    unified_upserted: int
-    error: str | None
-    drift: list[dict[str, Any]]
-    """Drift events: ``kind``, ``field``, ``new_field``, ``confidence``, ``detail``."""
-
-
-class Run(msgspec.Struct):
-    id: str
-    trigger: str
-    status: str
-    started_at: str
-    finished_at: str | None
-    duration_seconds: float | None
-    error: str | None
-    sources: dict[str, RunSource]
 
 
 class RunList(msgspec.Struct):

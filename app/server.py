@@ -129,7 +129,7 @@ def _event_hub(settings: Settings, service: Service) -> EventHub:
             url, timeout=5, server_settings={"application_name": "kasparro-events"}
         )
 
-    async def fetch_run(run_id: uuid.UUID) -> dict[str, Any] | None:
+    async def fetch_run(run_id: uuid.UUID) -> runs.Run | None:
         return await runs.get_run(service.pool, run_id)
 
     async def latest_seq() -> int:

@@ -37,7 +37,8 @@ from config.errors import KasparroError
 from config.settings import Settings, environment
 from observability.metrics import Metrics
 from persistence import runs
-from pipelines.runner import skipped
+from persistence.runs import Run
+from pipelines.runner import SKIPPED, Skipped, skipped
 
 log = structlog.get_logger("kasparro.subprocess_runner")
 
@@ -92,7 +93,7 @@ class SubprocessRunner:
 
     async def run(
         self, trigger: str, names: Sequence[str] | None = None, *, run_id: uuid.UUID | None = None
-    ) -> dict[str, Any]:
+    ) -> Run | Skipped:
         """One run in a child process; returns its run object (or the skipped answer).
 
         ``run_id`` names the run (a new id by default).
@@ -200,15 +201,18 @@ async def _relay(stream: asyncio.StreamReader) -> str | None:
     return last
 
 
-def _run_object(out: bytes) -> dict[str, Any] | None:
+def _run_object(out: bytes) -> Run | Skipped | None:
+    """The child's last line: its run object, or the skipped answer."""
     lines = out.strip().splitlines()
     if not lines:
         return None
     try:
-        run = msgspec.json.decode(lines[-1])
-    except msgspec.DecodeError:
+        answer = msgspec.json.decode(lines[-1])
+        if isinstance(answer, dict) and answer.get("status") == SKIPPED:
+            return msgspec.convert(answer, Skipped)
+        return msgspec.convert(answer, Run)
+    except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    return run if isinstance(run, dict) and "status" in run else None
 
 
 def _one_line(exc: BaseException) -> str:

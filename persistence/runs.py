@@ -223,35 +223,60 @@ _GET_RUN = f"SELECT {_RUN_COLUMNS} FROM etl_runs r WHERE r.id = $1"
 _LIST_RUNS = f"SELECT {_RUN_COLUMNS} FROM etl_runs r ORDER BY r.started_at DESC, r.id LIMIT $1"
 
 
-def _run_object(row: asyncpg.Record) -> dict[str, Any]:
+class RunSource(msgspec.Struct):
+    """One source's part in a run."""
+
+    status: str
+    fetched: int
+    raw_inserted: int
+    duplicates: int
+    rejected: int
+    unified_upserted: int
+    error: str | None
+    drift: list[dict[str, Any]]
+    """Drift events: ``kind``, ``field``, ``new_field``, ``confidence``, ``detail``."""
+
+
+class Run(msgspec.Struct):
+    """A run as ``/runs``, ``etl run --json`` and the events show it."""
+
+    id: str
+    trigger: str
+    status: str
+    started_at: str
+    finished_at: str | None
+    duration_seconds: float | None
+    error: str | None
+    sources: dict[str, RunSource]
+
+
+def _run_object(row: asyncpg.Record) -> Run:
     started: datetime = row["started_at"]
     finished: datetime | None = row["finished_at"]
     end = finished or datetime.now(UTC)
-    sources: dict[str, Any] = {}
-    for item in msgspec.json.decode(row["sources"]):
-        name = item.pop("source")
-        item.pop("started_at", None)
-        item.pop("finished_at", None)
-        sources[name] = item
-    return {
-        "id": str(row["id"]),
-        "trigger": row["trigger"],
-        "status": row["status"],
-        "started_at": iso(started),
-        "finished_at": iso(finished),
-        "duration_seconds": round((end - started).total_seconds(), 3),
-        "error": row["error"],
-        "sources": sources,
+    sources = {
+        item["source"]: msgspec.convert(item, RunSource)
+        for item in msgspec.json.decode(row["sources"])
     }
+    return Run(
+        id=str(row["id"]),
+        trigger=row["trigger"],
+        status=row["status"],
+        started_at=iso(started) or "",
+        finished_at=iso(finished),
+        duration_seconds=round((end - started).total_seconds(), 3),
+        error=row["error"],
+        sources=sources,
+    )
 
 
-async def get_run(conn: Queryable, run_id: uuid.UUID) -> dict[str, Any] | None:
-    """The run object of contract section 3, or ``None``."""
+async def get_run(conn: Queryable, run_id: uuid.UUID) -> Run | None:
+    """The run, or ``None``."""
     row = await conn.fetchrow(_GET_RUN, run_id)
     return None if row is None else _run_object(row)
 
 
-async def list_runs(conn: Queryable, limit: int) -> list[dict[str, Any]]:
+async def list_runs(conn: Queryable, limit: int) -> list[Run]:
     """Newest first."""
     return [_run_object(row) for row in await conn.fetch(_LIST_RUNS, limit)]
 

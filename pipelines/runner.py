@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import msgspec
 import structlog
 
 from config.errors import InjectedFailure, RunRecordError, SourceError
@@ -28,6 +29,7 @@ from config.settings import Settings
 from config.sources import SourceConfig, id_sources, load_sources
 from persistence import batches, raw, runs
 from persistence.batches import BatchCounts
+from persistence.runs import Run
 from persistence.types import Conn
 from pipelines.identity import Resolver, load_identity
 from pipelines.prepare import Prepared, prepare
@@ -90,12 +92,23 @@ def run_status(states: Sequence[_SourceState]) -> str:
     return "success"
 
 
-def skipped(busy: dict[str, uuid.UUID | None]) -> dict[str, Any]:
+class BusySource(msgspec.Struct):
+    """A source another run holds."""
+
+    held_by: str | None
+    """The id of the run that holds it."""
+    status: str = "busy"
+
+
+class Skipped(msgspec.Struct):
     """What a run that could take no source answers (it is recorded nowhere)."""
-    return {
-        "status": SKIPPED,
-        "sources": {name: {"status": "busy", "held_by": _text(run)} for name, run in busy.items()},
-    }
+
+    sources: dict[str, BusySource]
+    status: str = SKIPPED
+
+
+def skipped(busy: dict[str, uuid.UUID | None]) -> Skipped:
+    return Skipped({name: BusySource(_text(run)) for name, run in busy.items()})
 
 
 def _text(run_id: uuid.UUID | None) -> str | None:
@@ -139,12 +152,12 @@ class Runner:
 
     async def run(
         self, trigger: str, names: Sequence[str] | None = None, *, run_id: uuid.UUID | None = None
-    ) -> dict[str, Any]:
+    ) -> Run | Skipped:
         """One run over all sources (or the named ones); returns the run object.
 
         When another run holds every source, nothing is recorded and the answer
-        is ``{"status": "skipped", "sources": {name: {"status": "busy", "held_by":
-        run id}}}`` (with no sources when a stop was asked before the run began).
+        is :class:`Skipped` (with no sources when a stop was asked before the run
+        began).
 
         Source failures are recorded, never raised. Database errors that prevent
         recording the run at all propagate.
@@ -165,7 +178,7 @@ class Runner:
 
     async def _run(
         self, trigger: str, names: Sequence[str] | None, run_id: uuid.UUID
-    ) -> dict[str, Any]:
+    ) -> Run | Skipped:
         wanted = [s for s in self.sources if not names or s.name in names]
         log_ = log.bind(run_id=str(run_id))
         started = time.monotonic()
@@ -213,7 +226,7 @@ class Runner:
         assert run is not None
         log_.info(
             "etl_run_finished",
-            status=run["status"],
+            status=run.status,
             trigger=trigger,
             duration_seconds=round(time.monotonic() - started, 3),
             sources={

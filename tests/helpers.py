@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from config.settings import Settings, load_settings
@@ -83,7 +84,8 @@ async def run_etl(
 ) -> dict[str, Any]:
     """One run, as ``kasparro etl run`` does it; returns the run object."""
     runner = Runner(pool, settings, load_sources(settings), Metrics())
-    return await runner.run("test", names)
+    run: dict[str, Any] = msgspec.to_builtins(await runner.run("test", names))
+    return run
 
 
 # -- data files ---------------------------------------------------------------------

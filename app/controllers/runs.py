@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-import msgspec
 from litestar import Controller, Response, get, post
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, JSONBody, QueryParameter
@@ -14,9 +13,10 @@ from litestar.status_codes import HTTP_202_ACCEPTED
 from app.compare import MEDIAN_WINDOW, compare_runs
 from app.controllers import on_demand
 from app.dependencies import ServiceDep
-from app.schemas import Comparison, Run, RunList, RunStarted, error_responses
+from app.schemas import Comparison, RunList, RunStarted, error_responses
 from app.security import SECURITY_SCHEME, api_key_guard
 from persistence import reads, runs
+from persistence.runs import Run
 
 
 class RunsController(Controller):
@@ -37,7 +37,7 @@ class RunsController(Controller):
     ) -> RunList:
         async with service.reading() as pool:
             found = await runs.list_runs(pool, limit)
-        return RunList(data=msgspec.convert(found, list[Run]))
+        return RunList(data=found)
 
     @post(
         "/runs",
@@ -68,7 +68,7 @@ class RunsController(Controller):
             found = await runs.get_run(pool, run_id)
         if found is None:
             raise NotFoundException(detail="Run not found")
-        return msgspec.convert(found, Run)
+        return found
 
     @get(
         "/compare-runs",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
@@ -82,7 +83,9 @@ async def run(
 ) -> tuple[dict[str, Any], Metrics, list[Any]]:
     metrics = Metrics()
     with capture_logs() as logs:
-        result = await Runner(pool, settings, load_sources(settings), metrics).run("test")
+        result = msgspec.to_builtins(
+            await Runner(pool, settings, load_sources(settings), metrics).run("test")
+        )
     return result, metrics, logs
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
 from config.sources import load_sources
@@ -68,7 +69,7 @@ async def test_a_run_that_can_take_no_source_is_recorded_nowhere(
     holder = await _hold(pool, "csv", "json")
     before = await _recorded(pool)
 
-    result = await _runner(pool, sources_file).run("test")
+    result = msgspec.to_builtins(await _runner(pool, sources_file).run("test"))
 
     assert result == {
         "status": "skipped",
@@ -79,7 +80,7 @@ async def test_a_run_that_can_take_no_source_is_recorded_nowhere(
     }
     assert await _recorded(pool) == before
     assert await count(pool, "raw_csv_data") == 0
-    listed = await runs.list_runs(pool, 20)
+    listed = msgspec.to_builtins(await runs.list_runs(pool, 20))
     assert [r["id"] for r in listed] == [str(holder)]
 
 
@@ -89,7 +90,7 @@ async def test_a_source_held_by_another_run_is_not_part_of_the_run(
     sources_file = _two_sources(tmp_path)
     await _hold(pool, "json")
 
-    run = await _runner(pool, sources_file).run("test")
+    run = msgspec.to_builtins(await _runner(pool, sources_file).run("test"))
 
     assert list(run["sources"]) == ["csv"]
     assert run["status"] == "success"
@@ -135,10 +136,10 @@ async def test_an_expired_lease_is_a_dead_run_closed_by_the_next_one(
         return bool(await pool.fetchval("SELECT bool_and(expires_at < now()) FROM etl_leases"))
 
     await wait_for(expired, within=5)
-    run = await _runner(pool, sources_file).run("test")
+    run = msgspec.to_builtins(await _runner(pool, sources_file).run("test"))
 
     assert list(run["sources"]) == ["csv", "json"]
-    closed = await runs.get_run(pool, dead)
+    closed = msgspec.to_builtins(await runs.get_run(pool, dead))
     assert closed is not None
     assert (closed["status"], closed["error"]) == ("failed", "interrupted")
     assert closed["sources"]["csv"]["error"] == "interrupted"
@@ -158,15 +159,15 @@ async def test_a_live_run_keeps_its_sources_by_renewing_its_leases(
     try:
         await wait_for(lambda: _stored_any(pool), within=30)
         while not task.done():
-            attempts.append((await second.run("second"))["status"])
+            attempts.append((await second.run("second")).status)
             await asyncio.sleep(0.2)
         run = await task
     finally:
         first.request_stop()
         if not task.done():
             await task
-    assert run["status"] == "success"
-    assert run["duration_seconds"] > 2
+    assert run.status == "success"
+    assert (run.duration_seconds or 0) > 2
     assert attempts
     assert set(attempts) == {"skipped"}
     assert await count(pool, "etl_runs") == 1
@@ -190,7 +191,7 @@ async def test_a_closed_run_source_refuses_every_later_batch_of_its_run(
         assert await runs.close_interrupted_runs(conn, release=run_id) == [run_id]
     stored = await count(pool, "raw_csv_data")
 
-    run = await asyncio.wait_for(task, timeout=60)
+    run = msgspec.to_builtins(await asyncio.wait_for(task, timeout=60))
 
     assert await count(pool, "raw_csv_data") == stored < 200_000
     assert (run["status"], run["error"]) == ("failed", "interrupted")

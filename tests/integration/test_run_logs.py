@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 import structlog
 from structlog.testing import capture_logs
@@ -131,7 +132,9 @@ async def test_a_run_closing_another_writes_that_run_s_end_with_its_id(
     await wait_for(expired, within=10)
 
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
-        run = await Runner(pool, settings, load_sources(settings), None).run("test")
+        run = msgspec.to_builtins(
+            await Runner(pool, settings, load_sources(settings), None).run("test")
+        )
 
     closed = [line for line in logs if line["event"] == "run_interrupted_closed"]
     assert [(line["run_id"], line["closed_by_run_id"]) for line in closed] == [

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
 from app.subprocess_runner import RunProcessError, SubprocessRunner
@@ -84,7 +85,7 @@ async def test_a_run_in_a_child_returns_its_run_object_and_counts_its_metrics(
     rows = [*csv_rows(40), ("", "1.0", "2026-01-01T00:00:00Z")]  # one rejected row
     runner = _runner(tmp_path, database_url, pool, rows)
 
-    run = await runner.run("schedule")
+    run = msgspec.to_builtins(await runner.run("schedule"))
 
     assert run["trigger"] == "schedule"
     assert run["status"] == "partial"
@@ -95,7 +96,7 @@ async def test_a_run_in_a_child_returns_its_run_object_and_counts_its_metrics(
         1,
         40,
     )
-    stored = await runs.get_run(pool, uuid.UUID(run["id"]))
+    stored = msgspec.to_builtins(await runs.get_run(pool, uuid.UUID(run["id"])))
     assert stored is not None
     assert (stored["status"], stored["sources"]) == (run["status"], run["sources"])
     samples = await db_metric_samples(pool, ["csv"])
@@ -115,7 +116,7 @@ async def test_a_child_that_finds_every_source_busy_records_and_counts_nothing(
     async with pool.acquire() as conn:
         await runs.open_run(conn, holder, "other", ["csv"], owner="x:1", lease_seconds=600)
 
-    result = await runner.run("schedule")
+    result = msgspec.to_builtins(await runner.run("schedule"))
 
     assert result == {
         "status": "skipped",
@@ -131,7 +132,7 @@ async def test_a_stop_mid_run_commits_the_batch_in_flight_and_closes_the_run(
 ) -> None:
     runner, task = await _committing(tmp_path, database_url, pool)
     runner.request_stop()
-    run = await asyncio.wait_for(task, timeout=20)
+    run = msgspec.to_builtins(await asyncio.wait_for(task, timeout=20))
 
     assert run["status"] == "failed"
     assert run["sources"]["csv"]["error"].startswith("stopped")
@@ -149,7 +150,7 @@ async def test_a_stop_asked_while_the_child_starts_leaves_nothing_open(
     task = asyncio.create_task(runner.run("startup"))
     await wait_for(lambda: asyncio.sleep(0, runner.pid is not None), within=10)
     runner.request_stop()
-    result = await asyncio.wait_for(task, timeout=30)
+    result = msgspec.to_builtins(await asyncio.wait_for(task, timeout=30))
 
     # Stopped before the run began (nothing recorded), or a run closed as stopped.
     assert result["status"] in ("skipped", "failed")
