@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -78,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="UUID",
         help="the id the run is recorded under (default: a new one)",
     )
+    run.add_argument(
+        "--parent-pid",
+        type=int,
+        metavar="PID",
+        help="stop gracefully as soon as this process (the service that started the run) is gone",
+    )
     reset = etl_commands.add_parser("reset", help="forget a source's checkpoint")
     reset.add_argument("--source", required=True, metavar="NAME")
     etl_commands.add_parser("reprocess", help="rebuild unified_data from the raw tables")
@@ -142,6 +149,22 @@ def _migrate(settings: Settings, url: str) -> None:
     run_migrations(url, statement_cache_size=settings.database_statement_cache_size)
 
 
+ORPHAN_CHECK_SECONDS = 0.2
+
+
+async def _stop_when_orphaned(parent: int, stop: Callable[[], None]) -> None:
+    """Stop the run once ``parent`` is gone (killed, say): a run must not ingest on
+    as an orphan. Its pipes went with the parent, so output goes nowhere from then on."""
+    # The kernel tells a child nothing when its parent dies; polling is portable.
+    while os.getppid() == parent:  # noqa: ASYNC110 - no event exists to wait on
+        await asyncio.sleep(ORPHAN_CHECK_SECONDS)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    stop()
+
+
 async def _etl_run(args: argparse.Namespace, settings: Settings) -> int:
     from pipelines.runner import Runner
 
@@ -158,9 +181,16 @@ async def _etl_run(args: argparse.Namespace, settings: Settings) -> int:
         # SIGTERM (a scheduler, the service that started this run) stops the run
         # gracefully: the batch in flight commits and the run is closed.
         loop.add_signal_handler(signal.SIGTERM, runner.request_stop)
+        watch = (
+            asyncio.create_task(_stop_when_orphaned(args.parent_pid, runner.request_stop))
+            if args.parent_pid
+            else None
+        )
         try:
             run = await runner.run(args.trigger, names or None, run_id=args.run_id)
         finally:
+            if watch is not None:
+                watch.cancel()
             loop.remove_signal_handler(signal.SIGTERM)
             await pool.close()
     if args.json:

@@ -126,7 +126,7 @@ class SubprocessRunner:
 
     def _command(self, trigger: str, names: Sequence[str] | None, run_id: uuid.UUID) -> list[str]:
         argv = [sys.executable, "-m", "app.cli", "etl", "run", "--json"]
-        argv += ["--trigger", trigger, "--run-id", str(run_id)]
+        argv += ["--trigger", trigger, "--run-id", str(run_id), "--parent-pid", str(os.getpid())]
         for name in names or ():
             argv += ["--source", name]
         return argv
