@@ -123,7 +123,7 @@ def test_prometheus_evaluates_every_dashboard_query_and_rule_on_a_live_service(
     env = cli_env(
         database_url,
         sources,
-        API_KEY="prom-key-0123",
+        API_KEY="prom-key-0123",  # pragma: allowlist secret
         ETL_ON_STARTUP="true",
         ETL_INTERVAL_SECONDS=0,
     )
