@@ -16,11 +16,12 @@ import msgspec
 
 from config.errors import ConfigError
 from config.settings import Settings, load_settings
-from config.sources import load_sources, select_sources
+from config.sources import select_sources
 from observability.logging import StatusLine, configure_logging, status_line
 from persistence.batches import BatchCounts, reset_checkpoint
 from persistence.database import create_pool, resolve_database_url, run_migrations
 from persistence.runs import Run
+from pipelines.identity import declared_sources
 from pipelines.runner import Skipped
 
 EXIT_OK = 0
@@ -169,7 +170,7 @@ async def _etl_run(args: argparse.Namespace, settings: Settings) -> int:
     from pipelines.runner import Runner
 
     names: list[str] = args.source
-    sources = select_sources(load_sources(settings), names)
+    sources = select_sources(declared_sources(settings), names)
     url = resolve_database_url(settings)
     await asyncio.to_thread(_migrate, settings, url)
     pool = await _pool(settings, url, settings.database_run_pool_size)
@@ -204,7 +205,7 @@ async def _etl_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _etl_reset(settings: Settings, name: str) -> int:
-    select_sources(load_sources(settings), [name])
+    select_sources(declared_sources(settings), [name])
     url = resolve_database_url(settings)
     await asyncio.to_thread(_migrate, settings, url)
     pool = await _pool(settings, url, 2)
@@ -224,7 +225,7 @@ async def _etl_reprocess(settings: Settings) -> int:
     from pipelines.identity import load_identity
     from pipelines.reprocess import reprocess
 
-    sources = load_sources(settings)
+    sources = declared_sources(settings)
     rules = load_identity(settings.identity_file, settings.sources_file, id_sources(sources))
     url = resolve_database_url(settings)
     await asyncio.to_thread(_migrate, settings, url)
@@ -275,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
-        load_sources(settings)
+        declared_sources(settings)
     except ConfigError as exc:
         print(f"kasparro: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

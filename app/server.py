@@ -42,11 +42,12 @@ from app.security import API_KEY_HEADER, SECURITY_SCHEME
 from app.service import Service
 from config.errors import ConfigError
 from config.settings import Settings
-from config.sources import SourceConfig, load_sources
+from config.sources import SourceConfig
 from observability.logging import configure_logging
 from observability.metrics import Metrics
 from persistence import changes, runs
 from persistence.database import resolve_database_url, run_migrations
+from pipelines.identity import declared_sources
 
 log = structlog.get_logger("kasparro.server")
 
@@ -80,7 +81,7 @@ def create_app(
         ConfigError: the sources file is invalid.
     """
     metrics = metrics if metrics is not None else Metrics()
-    declared = sources if sources is not None else load_sources(settings)
+    declared = sources if sources is not None else declared_sources(settings)
     service = Service(settings, declared, metrics, pool=pool, runner=runner)
     events = _event_hub(settings, service)
     app = Litestar(

@@ -173,11 +173,6 @@ def load_sources(
         )
     if not sources:
         raise ConfigError(f"SOURCES_FILE: {path}: declares no [[sources]]")
-    # Imported here: the identity module needs the transform, which needs this one.
-    from pipelines.identity import load_identity
-
-    # A bad identity file stops start-up like a bad sources file.
-    load_identity(settings.identity_file, path, id_sources(sources))
     return sources
 
 

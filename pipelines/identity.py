@@ -33,6 +33,8 @@ import msgspec
 from rapidfuzz import fuzz
 
 from config.errors import ConfigError
+from config.settings import Settings
+from config.sources import SourceConfig, id_sources, load_sources
 from persistence import links
 from persistence.links import Member, NewKey, NewLink
 from persistence.types import Conn
@@ -283,6 +285,18 @@ class IdentityRules:
 
 def default_identity_path(sources_file: Path) -> Path:
     return sources_file.resolve().parent / "identity.toml"
+
+
+def declared_sources(settings: Settings) -> list[SourceConfig]:
+    """The sources file's sources, with the identity file checked against them:
+    a bad identity file stops start-up like a bad sources file.
+
+    Raises:
+        ConfigError: either file is wrong; the message names the setting.
+    """
+    sources = load_sources(settings)
+    load_identity(settings.identity_file, settings.sources_file, id_sources(sources))
+    return sources
 
 
 def load_identity(
