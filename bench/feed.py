@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from bench.db import scalar
-from bench.proc import Background, service_env
+from bench.proc import Background, service_env, tree_cpu_seconds
 from bench.report import Goal, Row
 from bench.scenarios import API_KEY, BenchError, Context, Ingestion, Service, etl_run
 
@@ -45,6 +45,10 @@ def _result(consumers: Background) -> dict[str, Any]:
     raise BenchError(f"the consumers printed no result; see {consumers.log_path}")
 
 
+def _cpu(pid: int) -> float:
+    return tree_cpu_seconds(pid) or 0.0
+
+
 def _polled_load(ctx: Context, index: int) -> tuple[Ingestion, dict[str, Any], int]:
     url = ctx.server.create(f"feed_polled_{index}")
     with Service(ctx, url, "serve-feed-polled", {}) as service:
@@ -58,12 +62,20 @@ def _polled_load(ctx: Context, index: int) -> tuple[Ingestion, dict[str, Any], i
             time.sleep(INTERVAL_SECONDS * 1.5)
             if not consumers.running:
                 raise BenchError(f"the consumers exited early; see {consumers.log_path}")
+            serve_before = _cpu(service.process.proc.pid)
+            consumers_before = _cpu(consumers.proc.pid)
             run = etl_run(ctx, url, "csv", "feed-load-polled")
+            # CPU per second of load: what serving the feed cost the machine.
+            seconds = run.measured.wall_seconds
+            serve_cores = (_cpu(service.process.proc.pid) - serve_before) / seconds
+            consumers_cores = (_cpu(consumers.proc.pid) - consumers_before) / seconds
         finally:
             code = consumers.stop(grace=CATCH_UP_SECONDS)
         if code != 0:
             raise BenchError(f"the consumers exited {code}; see {consumers.log_path}")
         result = _result(consumers)
+    result["serve_cores"] = round(serve_cores, 3)
+    result["consumers_cores"] = round(consumers_cores, 3)
     rows = int(asyncio.run(scalar(url, "SELECT count(*) FROM unified_data")))
     return run, result, rows
 
@@ -83,7 +95,8 @@ def changes(ctx: Context) -> None:
         p99 = _percentile(result["latencies_us"], 0.99)
         ctx.log(
             f"    with {CONSUMERS} consumers: {run.measured.wall_seconds:.1f}s, "
-            f"{result['requests']:,} requests, p99 {p99:.1f} ms"
+            f"{result['requests']:,} requests, p99 {p99:.1f} ms; serve "
+            f"{result['serve_cores']:.0%} of a core, consumers {result['consumers_cores']:.0%}"
         )
         copies = result["copies"]
         if result["errors"] or any(size != rows for size in copies):
@@ -123,7 +136,12 @@ def changes(ctx: Context) -> None:
     )
     requests = sum(r["requests"] for _, r, _ in polled)
     seconds = sum(r["seconds"] for _, r, _ in polled)
-    note = f"{requests:,} requests of limit={PAGE}, {requests / seconds:,.0f} req/s"
+    serve = sorted(r["serve_cores"] for _, r, _ in polled)[(len(polled) - 1) // 2]
+    clients = sorted(r["consumers_cores"] for _, r, _ in polled)[(len(polled) - 1) // 2]
+    note = (
+        f"{requests:,} requests of limit={PAGE}, {requests / seconds:,.0f} req/s; "
+        f"serve {serve:.0%} of a core, the consumers {clients:.0%}"
+    )
     add(Row("changes", "/changes p50 during the load", _percentile(latencies, 0.5), "ms"))
     add(
         Row(
@@ -144,6 +162,8 @@ def changes(ctx: Context) -> None:
         "errors": sum(r["errors"] for _, r, _ in polled),
         "unified_rows": rows,
         "received_while_polling": [r["received_while_polling"] for _, r, _ in polled],
+        "serve_cores": [r["serve_cores"] for _, r, _ in polled],
+        "consumers_cores": [r["consumers_cores"] for _, r, _ in polled],
         "p50_ms": _percentile(latencies, 0.5),
         "p99_ms": _percentile(latencies, 0.99),
         "max_ms": max(latencies) / 1000 if latencies else None,
