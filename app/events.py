@@ -51,9 +51,13 @@ READ_TIMEOUT_SECONDS = 5.0
 RECENT_RUN_EVENTS = 1024
 """Run events remembered, so that the catch-up after a reconnect sends none twice."""
 
+PROBE_SECONDS = 2.0
+"""How long a new listening connection may take to hear its own probe."""
+
 Connect = Callable[[], Awaitable["asyncpg.Connection[Any]"]]
 FetchRun = Callable[[uuid.UUID], Awaitable["Run | None"]]
 LatestSeq = Callable[[], Awaitable[int]]
+Notify = Callable[[str], Awaitable[None]]
 
 _json = msgspec.json.Encoder()
 
@@ -95,6 +99,8 @@ class EventHub:
         connect: opens the listening connection.
         fetch_run: the run object of an id (``None`` when unknown).
         latest_seq: the largest change number visible now.
+        notify: sends a payload on the channel from another connection (the probe
+            that tells whether the listening connection hears the database).
         check_seconds: how often the listening connection is checked.
     """
 
@@ -103,12 +109,17 @@ class EventHub:
         connect: Connect,
         fetch_run: FetchRun,
         latest_seq: LatestSeq,
+        notify: Notify | None = None,
         *,
         check_seconds: float = CHECK_SECONDS,
     ) -> None:
         self._connect = connect
         self._fetch_run = fetch_run
         self._latest_seq = latest_seq
+        self._notify = notify
+        self._probe: tuple[str, asyncio.Event] | None = None
+        self.deaf = False
+        """The last probe went unheard: notifications do not reach this listener."""
         self.check_seconds = check_seconds
         self.subscribers: set[Subscription] = set()
         self.listening = asyncio.Event()
@@ -222,7 +233,8 @@ class EventHub:
             self._last_seq = await self._latest_seq()
             self._seen_at = await conn.fetchval("SELECT now()", timeout=READ_TIMEOUT_SECONDS)
         self.listening.set()
-        log.info("events_listening", reconnected=reconnected)
+        await self._check_hearing()
+        log.info("events_listening", reconnected=reconnected, hears=not self.deaf)
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.check_seconds):
@@ -233,6 +245,33 @@ class EventHub:
             # also bounds what the catch-up after a loss must look at.
             self._seen_at = await conn.fetchval("SELECT now()", timeout=READ_TIMEOUT_SECONDS)
 
+    async def _check_hearing(self) -> None:
+        """Send a probe from another connection and wait for it: a listener behind a
+        transaction pooler (PgBouncer in transaction mode) would hear nothing, and
+        say nothing about it."""
+        if self._notify is None:
+            return
+        token = uuid.uuid4().hex
+        heard = asyncio.Event()
+        self._probe = (token, heard)
+        try:
+            await self._notify(_json.encode({"event": "probe", "token": token}).decode())
+            async with asyncio.timeout(PROBE_SECONDS):
+                await heard.wait()
+            self.deaf = False
+        except TimeoutError:
+            self.deaf = True
+            log.warning(
+                "events_listener_deaf",
+                hint="the listening connection does not hear this database's notifications: "
+                "behind PgBouncer in transaction mode, set DATABASE_LISTEN_URL to a direct "
+                "connection",
+            )
+        except Exception as exc:  # the probe could not be sent: no verdict
+            log.warning("events_probe_failed", error=_one_line(exc))
+        finally:
+            self._probe = None
+
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
         try:
             note = msgspec.json.decode(str(payload))
@@ -240,6 +279,11 @@ class EventHub:
             log.warning("events_bad_notification", payload=str(payload)[:200])
             return
         if not isinstance(note, dict):
+            return
+        if note.get("event") == "probe":
+            # Every listener of the database hears every probe; only its own counts.
+            if self._probe is not None and note.get("token") == self._probe[0]:
+                self._probe[1].set()
             return
         last = self._notes[-1] if self._notes else None
         if (

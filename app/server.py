@@ -33,7 +33,7 @@ from app.controllers.runs import RunsController
 from app.controllers.system import SystemController
 from app.dependencies import provide_service
 from app.errors import exception_handlers
-from app.events import EventHub
+from app.events import CHANNEL, EventHub
 from app.head import HeadAsGet
 from app.http_protocol import BoundedHttpProtocol
 from app.ingestion import RunnerLike
@@ -136,7 +136,10 @@ def _event_hub(settings: Settings, service: Service) -> EventHub:
     async def latest_seq() -> int:
         return await changes.latest_seq(service.pool)
 
-    return EventHub(connect, fetch_run, latest_seq)
+    async def notify(payload: str) -> None:
+        await service.pool.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+
+    return EventHub(connect, fetch_run, latest_seq, notify)
 
 
 class _Server(uvicorn.Server):

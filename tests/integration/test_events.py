@@ -6,6 +6,7 @@ for the events they expect with a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import threading
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -30,6 +32,7 @@ from tests.helpers import (
 )
 from tests.integration.test_serve import Served
 from tests.pg_proxy import PgProxy
+from tests.pgbouncer import PgBouncer
 
 KEY = "events-key-0123456789"
 AUTH = {"x-api-key": KEY}
@@ -224,3 +227,61 @@ def test_events_needs_the_key(replicas: tuple[Served, Served, Path]) -> None:
     a, _, _ = replicas
     assert httpx.get(a.url + "/events", timeout=5).status_code == 401
     assert httpx.get(a.url + "/events", headers={"x-api-key": "no"}, timeout=5).status_code == 401
+
+
+def test_behind_pgbouncer_the_listener_keeps_a_direct_session_of_its_own(
+    tmp_path: Path,
+    database_url: str,
+    pgbouncer: PgBouncer,
+    serve: Callable[[dict[str, str]], Served],
+) -> None:
+    # Everything through PgBouncer (either mode) but the one listening connection.
+    env = _env(
+        pgbouncer.url(database_url),
+        _sources(tmp_path),
+        DATABASE_LISTEN_URL=database_url,
+        **pgbouncer.settings(),
+    )
+    served = serve(env)
+    served.listening()
+    assert served.wait_for_event("events_listening", timeout=15)["hears"] is True
+    subscribers = [Subscriber(served.url) for _ in range(2)]
+    for subscriber in subscribers:
+        subscriber.wait_for("comment", lambda text: text == "connected")
+    # One listening session for the replica, whatever the number of subscribers.
+    assert asyncio.run(_listeners(database_url)) == 1
+    started = httpx.post(served.url + "/runs", headers=AUTH, timeout=5)
+    assert started.status_code == 202, started.text
+    run_id = started.json()["id"]
+    for subscriber in subscribers:
+        finished = subscriber.wait_for("run_finished", lambda run: run["id"] == run_id)
+        assert finished["status"] == "success"
+
+
+async def _listeners(database_url: str) -> int:
+    """Sessions of the events listener on the database."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = 'kasparro-events' AND datname = current_database()"
+        )
+    finally:
+        await conn.close()
+    return count
+
+
+def test_a_listener_behind_a_transaction_pooler_says_it_hears_nothing(
+    tmp_path: Path,
+    database_url: str,
+    pgbouncer: PgBouncer,
+    serve: Callable[[dict[str, str]], Served],
+) -> None:
+    if pgbouncer.mode != "transaction":
+        pytest.skip("a session pooler keeps the listening session")
+    env = _env(pgbouncer.url(database_url), _sources(tmp_path), **pgbouncer.settings())
+    served = serve(env)
+    served.listening()
+    warning = served.wait_for_event("events_listener_deaf", timeout=15)
+    assert "DATABASE_LISTEN_URL" in warning["hint"]
+    assert served.wait_for_event("events_listening", timeout=15)["hears"] is False
