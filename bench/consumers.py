@@ -48,9 +48,8 @@ class Consumer:
             self._streams = await asyncio.open_connection(self.host, self.port)
         reader, writer = self._streams
         try:
-            writer.write(
-                f"GET {target} HTTP/1.1\r\nhost: {self.host}\r\nx-api-key: {self.key}\r\n\r\n".encode()
-            )
+            request = f"GET {target} HTTP/1.1\r\nhost: {self.host}\r\nx-api-key: {self.key}\r\n"
+            writer.write(request.encode() + b"\r\n")
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
             length = 0
