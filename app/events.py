@@ -16,6 +16,9 @@ run`` wrote. This hub is a lifespan component, like Litestar's channels plugin:
 - the connection is checked every few seconds and replaced after a loss, with a
   growing pause between attempts; once back, what happened meanwhile is sent as
   events (the changes' range, runs started or finished in the gap);
+- a new connection must hear a probe sent from another one; one that does not
+  (a transaction pooler lends a session for one transaction only) says so, and
+  the hub reads what happened from the tables every second instead;
 - :meth:`EventHub.end_streams` ends every stream at once, for a prompt shutdown.
 """
 
@@ -53,6 +56,8 @@ RECENT_RUN_EVENTS = 1024
 
 PROBE_SECONDS = 2.0
 """How long a new listening connection may take to hear its own probe."""
+POLL_SECONDS = 1.0
+"""How often a listener that hears nothing reads what happened from the tables."""
 
 Connect = Callable[[], Awaitable["asyncpg.Connection[Any]"]]
 FetchRun = Callable[[uuid.UUID], Awaitable["Run | None"]]
@@ -237,13 +242,17 @@ class EventHub:
         log.info("events_listening", reconnected=reconnected, hears=not self.deaf)
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.check_seconds):
+                async with asyncio.timeout(POLL_SECONDS if self.deaf else self.check_seconds):
                     await lost.wait()
             if lost.is_set():
                 raise ConnectionError("the listening connection was closed")
-            # A lost network shows only when something is sent; the server's clock
-            # also bounds what the catch-up after a loss must look at.
-            self._seen_at = await conn.fetchval("SELECT now()", timeout=READ_TIMEOUT_SECONDS)
+            if self.deaf:
+                # Nothing is heard: what happened is read from the tables instead.
+                await self._catch_up(conn)
+            else:
+                # A lost network shows only when something is sent; the server's clock
+                # also bounds what the catch-up after a loss must look at.
+                self._seen_at = await conn.fetchval("SELECT now()", timeout=READ_TIMEOUT_SECONDS)
 
     async def _check_hearing(self) -> None:
         """Send a probe from another connection and wait for it: a listener behind a
@@ -265,7 +274,7 @@ class EventHub:
                 "events_listener_deaf",
                 hint="the listening connection does not hear this database's notifications: "
                 "behind PgBouncer in transaction mode, set DATABASE_LISTEN_URL to a direct "
-                "connection",
+                f"connection; until then events are read from the tables every {POLL_SECONDS:g} s",
             )
         except Exception as exc:  # the probe could not be sent: no verdict
             log.warning("events_probe_failed", error=_one_line(exc))
@@ -299,8 +308,9 @@ class EventHub:
         self._note_arrived.set()
 
     async def _catch_up(self, conn: asyncpg.Connection[Any]) -> None:
-        """Send what happened while no connection listened: the range of changes and
-        the runs that started or finished meanwhile."""
+        """Send what happened while nothing was heard: the range of changes and the
+        runs that started or finished meanwhile."""
+        moment = await conn.fetchval("SELECT now()", timeout=READ_TIMEOUT_SECONDS)
         if self._seen_at is not None:
             rows = await conn.fetch(_RUNS_SINCE, self._seen_at, timeout=READ_TIMEOUT_SECONDS)
             for row in rows:
@@ -311,6 +321,8 @@ class EventHub:
         latest = await self._latest_seq()
         if self._last_seq is not None and latest > self._last_seq:
             self._notes.append({"event": "unified_changed", "after": self._last_seq, "seq": latest})
+            self._last_seq = latest
+        self._seen_at = moment
         self._note_arrived.set()
 
     # -- dispatch ----------------------------------------------------------------

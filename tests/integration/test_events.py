@@ -271,7 +271,7 @@ async def _listeners(database_url: str) -> int:
     return count
 
 
-def test_a_listener_behind_a_transaction_pooler_says_it_hears_nothing(
+def test_a_listener_behind_a_transaction_pooler_says_it_hears_nothing_and_reads_the_tables(
     tmp_path: Path,
     database_url: str,
     pgbouncer: PgBouncer,
@@ -285,3 +285,15 @@ def test_a_listener_behind_a_transaction_pooler_says_it_hears_nothing(
     warning = served.wait_for_event("events_listener_deaf", timeout=15)
     assert "DATABASE_LISTEN_URL" in warning["hint"]
     assert served.wait_for_event("events_listening", timeout=15)["hears"] is False
+    subscriber = Subscriber(served.url)
+    subscriber.wait_for("comment", lambda text: text == "connected")
+    started = httpx.post(served.url + "/runs", headers=AUTH, timeout=5)
+    assert started.status_code == 202, started.text
+    run_id = started.json()["id"]
+    assert subscriber.wait_for("run_started", lambda run: run["id"] == run_id)
+    finished = subscriber.wait_for("run_finished", lambda run: run["id"] == run_id)
+    assert finished["status"] == "success"
+    # Read while the run went on or after it: before its end either way.
+    changed = [data for kind, data in subscriber.seen if kind == "unified_changed"]
+    assert changed
+    assert all(c["seq"] > c["after"] >= 0 for c in changed)
