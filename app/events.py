@@ -311,6 +311,11 @@ class EventHub:
         """Send what happened while nothing was heard: the range of changes and the
         runs that started or finished meanwhile."""
         moment = await conn.fetchval("SELECT now()", timeout=READ_TIMEOUT_SECONDS)
+        # Changes first: a run's changes commit before its end is recorded.
+        latest = await self._latest_seq()
+        if self._last_seq is not None and latest > self._last_seq:
+            self._notes.append({"event": "unified_changed", "after": self._last_seq, "seq": latest})
+            self._last_seq = latest
         if self._seen_at is not None:
             rows = await conn.fetch(_RUNS_SINCE, self._seen_at, timeout=READ_TIMEOUT_SECONDS)
             for row in rows:
@@ -318,10 +323,6 @@ class EventHub:
                     self._notes.append({"event": "run_started", "id": str(row["id"])})
                 if row["finished"]:
                     self._notes.append({"event": "run_finished", "id": str(row["id"])})
-        latest = await self._latest_seq()
-        if self._last_seq is not None and latest > self._last_seq:
-            self._notes.append({"event": "unified_changed", "after": self._last_seq, "seq": latest})
-            self._last_seq = latest
         self._seen_at = moment
         self._note_arrived.set()
 
