@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,14 +89,25 @@ class DatabaseServer:
         if fields is not None and _is_postgres(int(fields[1])):
             self.postmaster_pid = int(fields[1])
 
-    def create(self, label: str) -> str:
-        """A new empty database; returns its URL."""
+    def create(self, label: str, template: str | None = None) -> str:
+        """A new empty database, or a copy of the database at URL ``template``;
+        returns its URL."""
         name = f"bench_{os.getpid()}_{next(_counter)}_{label}"[:63]
+        copy = "" if template is None else f' TEMPLATE "{urlsplit(template).path.lstrip("/")}"'
 
         async def go() -> None:
             conn = await asyncpg.connect(self.admin_url)
             try:
-                await conn.execute(f'CREATE DATABASE "{name}"')
+                # The sessions of a loader that just exited end a moment after it.
+                deadline = time.monotonic() + 30.0
+                while True:
+                    try:
+                        await conn.execute(f'CREATE DATABASE "{name}"{copy}')
+                        return
+                    except asyncpg.ObjectInUseError:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.1)
             finally:
                 await conn.close()
 

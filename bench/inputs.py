@@ -35,6 +35,7 @@ class Sizes:
     http_records: int
     http_pages: int
     noop_http_records: int
+    """Records of the one-response API scenarios (``noop_http``, ``refresh_http``)."""
     scrape_runs: int
     read_seconds: float
     warmup_seconds: float
@@ -180,14 +181,20 @@ def write_jsonl(path: Path, records: int, names: int, *, seed: int) -> Path:
     return path
 
 
-def make_tickers(records: int, *, seed: int) -> list[dict[str, Any]]:
-    """CoinPaprika ``/v1/tickers`` items, one per coin (an upstream lists each coin once)."""
+def make_tickers(records: int, *, seed: int, shift_days: int = 0) -> list[dict[str, Any]]:
+    """CoinPaprika ``/v1/tickers`` items, one per coin (an upstream lists each coin once).
+
+    Coin ``i`` has the same id and name whatever the seed: another seed with a
+    later ``shift_days`` is the same coins refreshed, with new prices and newer
+    timestamps.
+    """
     rng = random.Random(seed)
+    base = BASE_TIME + timedelta(days=shift_days)
     tickers: list[dict[str, Any]] = []
     for i in range(records):
         price = round(rng.uniform(0.0001, 90_000), 6)
         supply = rng.randrange(1_000, 10**9)
-        ts = BASE_TIME + timedelta(seconds=rng.randrange(SPREAD_SECONDS))
+        ts = base + timedelta(seconds=rng.randrange(SPREAD_SECONDS))
         tickers.append(
             {
                 "id": f"c{i}-coin-{i}",

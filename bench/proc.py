@@ -44,23 +44,26 @@ _SERVICE_VARIABLES = (
 )
 
 
-def service_env(workdir: Path, settings: Mapping[str, str]) -> dict[str, str]:
+def service_env(
+    workdir: Path, settings: Mapping[str, str], root: Path = REPO_ROOT
+) -> dict[str, str]:
     """The environment of a ``kasparro`` child: the caller's, minus the service's
     own settings, plus ``settings``. ``ETL_BATCH_SIZE`` passes through, so a
-    batch size can be tried with ``ETL_BATCH_SIZE=… make bench``."""
+    batch size can be tried with ``ETL_BATCH_SIZE=… make bench``. ``root`` is
+    the checkout whose code the child runs (another one for a variant)."""
     env = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
     env["DATA_DIR"] = str(workdir / "service-data")
     env["LOG_FORMAT"] = "json"
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p
     )
     env.update(settings)
     return env
 
 
-def kasparro(*args: str) -> list[str]:
-    """The command line of ``kasparro ARGS`` with this interpreter."""
-    return [sys.executable, "-m", "app.cli", *args]
+def kasparro(*args: str, python: str = sys.executable) -> list[str]:
+    """The command line of ``kasparro ARGS`` with ``python`` (this interpreter)."""
+    return [python, "-m", "app.cli", *args]
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@
     python -m bench.run --quick          # small sizes: a smoke check in a minute or two
     python -m bench.run --only reads     # one scenario (repeatable)
     python -m bench.run --profile        # also py-spy the CSV run and summarize it
+    python -m bench.run --variant before:/tmp/old-checkout   # and that code, in turns
 
 The database server is an embedded PostgreSQL in a temporary folder, or the one
 ``BENCH_DATABASE_URL`` names (an admin URL: the bench creates and drops its own
@@ -30,7 +31,7 @@ from bench.inputs import FULL, QUICK, make_tickers, prepare
 from bench.load import tool_name
 from bench.proc import REPO_ROOT
 from bench.report import Results, code_version, machine, table
-from bench.scenarios import DEFAULT, NEEDS, SCENARIOS, BenchError, Context
+from bench.scenarios import DEFAULT, NEEDS, SCENARIOS, BenchError, Context, Variant
 from bench.upstream import PagedUpstream
 
 OUT = REPO_ROOT / "bench" / "out"
@@ -55,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SCENARIO",
         help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=_variant,
+        metavar="LABEL:ITEM[,ITEM...]",
+        help=(
+            "also measure another build in turns with this one (repeatable): each ITEM "
+            "a VAR=VALUE setting or the folder of another checkout, e.g. "
+            "no-cache:DATA_CACHE_BYTES=0 or before:/tmp/kasparro-before "
+            "(ingestion scenarios and reads)"
+        ),
+    )
     parser.add_argument("--profile", action="store_true", help="add the py-spy profile scenario")
     parser.add_argument(
         "--load-generator",
@@ -75,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
         "--keep", action="store_true", help="keep the temporary folder (inputs, database files)"
     )
     return parser
+
+
+def _variant(text: str) -> Variant:
+    try:
+        return Variant.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _log(message: str) -> None:
@@ -118,9 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size_env": os.environ.get("ETL_BATCH_SIZE"),
         "machine": machine(),
         "code": code_version(),
+        "variants": [v.describe() for v in args.variant],
     }
     _log(f"bench ({sizes.label}): {', '.join(selected)}; work folder {workdir}")
     _log(f"load generator: {results.meta['load_generator']}")
+    for variant in args.variant:
+        _log(f"variant {variant.label}: code {variant.root}, settings {dict(variant.env)}")
 
     started = time.perf_counter()
     needed: set[str] = set().union(*(NEEDS[name] for name in selected))
@@ -145,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         server=server,
         results=results,
         upstream=upstream,
+        variants=args.variant,
         log=_log,
     )
     try:

@@ -9,6 +9,7 @@ input against another fresh database on the same server. Reads start
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -54,6 +55,57 @@ class BenchError(RuntimeError):
     """A scenario cannot produce its figures; the message says why."""
 
 
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """Another build of Kasparro measured in turns with this one, in the same run:
+    another checkout's code (``code``), other settings (``env``), or both.
+
+    Written ``LABEL:ITEM,ITEM...`` on the command line, each item a
+    ``VARIABLE=VALUE`` setting or the folder of a checkout, e.g.
+    ``no-parse-process:ETL_PARSE_PROCESS_MIN_BYTES=1000000000000`` or
+    ``before:/tmp/kasparro-before``.
+    """
+
+    label: str
+    code: Path | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        label, sep, spec = text.partition(":")
+        if not sep or not label or not spec:
+            raise ValueError(f"a variant is LABEL:ITEM[,ITEM...], not {text!r}")
+        code: Path | None = None
+        env: dict[str, str] = {}
+        for item in spec.split(","):
+            name, eq, value = item.partition("=")
+            if eq and name.isidentifier():
+                env[name] = value
+                continue
+            folder = Path(item).expanduser().resolve()
+            if not (folder / "app" / "cli.py").is_file():
+                raise ValueError(f"variant {label}: {item!r} is neither VAR=VALUE nor a checkout")
+            code = folder
+        return cls(label, code, env)
+
+    @property
+    def root(self) -> Path:
+        return self.code or REPO_ROOT
+
+    @property
+    def python(self) -> str:
+        """The checkout's own interpreter when it has a ``.venv``, else this one."""
+        own = self.root / ".venv" / "bin" / "python"
+        return str(own) if self.code is not None and own.is_file() else sys.executable
+
+    def describe(self) -> dict[str, Any]:
+        return {"label": self.label, "code": str(self.code or ""), "env": dict(self.env)}
+
+
+THIS = Variant("kasparro")
+"""The code of this checkout with its defaults."""
+
+
 @dataclass(slots=True)
 class Context:
     """What the scenarios share."""
@@ -67,6 +119,7 @@ class Context:
     results: Results
     upstream: PagedUpstream | None = None
     log: Callable[[str], None] = print
+    variants: list[Variant] = field(default_factory=list)
     loaded_db: str | None = None
     csv_full: Ingestion | None = None
     _labels: dict[str, int] = field(default_factory=dict)
@@ -200,11 +253,14 @@ def etl_run(
     label: str,
     extra: Mapping[str, str] | None = None,
     wrap: list[str] | None = None,
+    variant: Variant = THIS,
 ) -> Ingestion:
     """``kasparro etl run --source SOURCE --json`` on ``url``, measured."""
-    env = service_env(ctx.workdir, _service_settings(ctx, url, extra))
+    settings = _service_settings(ctx, url, {**(extra or {}), **variant.env})
+    env = service_env(ctx.workdir, settings, variant.root)
     meter = _DbMeter(ctx, url)
-    argv = [*(wrap or []), *kasparro("etl", "run", "--source", source, "--json")]
+    command = kasparro("etl", "run", "--source", source, "--json", python=variant.python)
+    argv = [*(wrap or []), *command]
     log_path = ctx.logs / f"{ctx.label(label)}.log"
     measured = run_measured(argv, env, ctx.workdir, log_path)
     db_use = meter.done()
@@ -223,10 +279,18 @@ def etl_run(
 
 
 def reference_run(
-    ctx: Context, kind: str, location: str, mapping: Mapping[str, str], label: str
+    ctx: Context,
+    kind: str,
+    location: str,
+    mapping: Mapping[str, str],
+    label: str,
+    *,
+    url: str | None = None,
+    page_size: int | None = None,
 ) -> Ingestion:
-    """``bench/reference.py`` on a fresh database of the same server, measured."""
-    url = ctx.server.create(f"ref_{kind}")
+    """``bench/reference.py`` on ``url`` (default: a fresh database of the same
+    server), measured."""
+    url = url or ctx.server.create(f"ref_{kind}")
     argv = [
         sys.executable,
         str(REFERENCE),
@@ -237,7 +301,7 @@ def reference_run(
         "--location",
         location,
         "--page-size",
-        str(ctx.sizes.http_page_size),
+        str(page_size or ctx.sizes.http_page_size),
         *(arg for key, value in mapping.items() for arg in (f"--{key}", value)),
     ]
     env = service_env(ctx.workdir, {})
@@ -259,18 +323,14 @@ def _unified_rows(url: str) -> int:
 
 
 def _ingestion_rows(
-    ctx: Context,
-    scenario: str,
-    mine: Ingestion,
-    ref: Ingestion,
-    rate_goal: Goal | None,
-    unified: int,
-    rounds_note: str = "",
+    ctx: Context, scenario: str, turns: Turns, rate_goal: Goal | None, unified: int
 ) -> None:
     add = ctx.results.add
+    mine, _ = turns.median_mine()
+    ref = _median(turns.reference)
     m, r = mine.measured, ref.measured
     ref_unified = int(ref.run.get("unified_rows") or 0)
-    notes = [rounds_note] if rounds_note else []
+    notes = [turns.note()] if turns.note() else []
     if unified != ref_unified:
         notes.append(f"unified rows {unified} vs reference {ref_unified}")
     note = "; ".join(notes)
@@ -286,6 +346,7 @@ def _ingestion_rows(
             note,
         )
     )
+    _variant_rows(ctx, scenario, turns, ref)
     add(Row(scenario, "wall, end to end", m.wall_seconds, "s", "reference", r.wall_seconds))
     add(Row(scenario, "CPU of the loader process", m.cpu_seconds, "s", "reference", r.cpu_seconds))
     for figure, unit, value, baseline in (
@@ -316,7 +377,41 @@ def _ingestion_rows(
         "kasparro": mine.summary(),
         "reference": ref.summary(),
         "unified_rows": unified,
+        "turns": turns.rates(),
+        "variants": {label: _median(runs).summary() for label, runs in turns.variants.items()},
     }
+
+
+def _variant_rows(ctx: Context, scenario: str, turns: Turns, ref: Ingestion) -> None:
+    """Per variant: this code's median rate against the variant's, with the ratio of
+    each turn (the spread), and the variant's median against the reference."""
+    mine = [run for run, _ in turns.mine]
+    for label, runs in turns.variants.items():
+        paired = ", ".join(
+            f"{a.rate / b.rate:.2f}x" for a, b in zip(mine, runs, strict=True) if b.rate
+        )
+        add = ctx.results.add
+        add(
+            Row(
+                scenario,
+                f"records/s against {label}",
+                _median(mine).rate,
+                "rec/s",
+                label,
+                _median(runs).rate,
+                note=f"each turn: {paired}; {label} {_spread(runs)} rec/s",
+            )
+        )
+        add(
+            Row(
+                scenario,
+                f"{label}: records/s",
+                _median(runs).rate,
+                "rec/s",
+                "reference",
+                ref.rate,
+            )
+        )
 
 
 def _wal_note(figure: str, mine: Ingestion, ref: Ingestion) -> str:
@@ -339,39 +434,63 @@ def _median(runs: list[Ingestion]) -> Ingestion:
     return sorted(runs, key=lambda r: r.rate)[(len(runs) - 1) // 2]
 
 
+def _spread(runs: list[Ingestion]) -> str:
+    return ", ".join(f"{r.rate:,.0f}" for r in runs)
+
+
+@dataclass(slots=True)
+class Turns:
+    """Every load of a scenario, each contestant's in the order of the turns."""
+
+    mine: list[tuple[Ingestion, str]] = field(default_factory=list)
+    """This code's loads, each with the database it loaded."""
+    reference: list[Ingestion] = field(default_factory=list)
+    variants: dict[str, list[Ingestion]] = field(default_factory=dict)
+
+    def median_mine(self) -> tuple[Ingestion, str]:
+        chosen = _median([run for run, _ in self.mine])
+        return chosen, next(url for run, url in self.mine if run is chosen)
+
+    def note(self) -> str:
+        if len(self.reference) < 2:
+            return ""
+        return (
+            f"median of {len(self.reference)} turns each; kasparro "
+            f"{_spread([r for r, _ in self.mine])}, reference {_spread(self.reference)} rec/s"
+        )
+
+    def rates(self) -> dict[str, list[float]]:
+        return {
+            "kasparro": [round(r.rate, 1) for r, _ in self.mine],
+            "reference": [round(r.rate, 1) for r in self.reference],
+            **{label: [round(r.rate, 1) for r in runs] for label, runs in self.variants.items()},
+        }
+
+
 def _rounds(
     ctx: Context,
-    mine: Callable[[int], tuple[Ingestion, str]],
+    mine: Callable[[int, Variant], tuple[Ingestion, str]],
     ref: Callable[[int], Ingestion],
-) -> tuple[Ingestion, str, Ingestion, str]:
-    """Kasparro and the reference in turns, ``sizes.rounds`` times each.
+) -> Turns:
+    """Kasparro, each variant and the reference in turns, ``sizes.rounds`` times each.
 
     The machine is shared and noisy: one load each can be several tens of
-    percent apart from the next one. Taking turns exposes both to the same
-    conditions, and the median of each is compared.
-
-    Returns:
-        The median Kasparro load, its database, the median reference load, a note.
+    percent apart from the next one. Taking turns exposes all to the same
+    conditions, and the median of each is compared. Each turn starts with the
+    next contestant, so none always runs first or right after another.
     """
-    mine_runs: list[tuple[Ingestion, str]] = []
-    ref_runs: list[Ingestion] = []
+    turns = Turns(variants={v.label: [] for v in ctx.variants})
+    contestants: list[Variant | None] = [THIS, *ctx.variants, None]
     for index in range(ctx.sizes.rounds):
-        mine_runs.append(mine(index))
-        ref_runs.append(ref(index))
-    chosen = _median([run for run, _ in mine_runs])
-    url = next(u for run, u in mine_runs if run is chosen)
-    ref_chosen = _median(ref_runs)
-    note = ""
-    if len(ref_runs) > 1:
-
-        def spread(runs: list[Ingestion]) -> str:
-            return ", ".join(f"{r.rate:,.0f}" for r in runs)
-
-        note = (
-            f"median of {len(ref_runs)} turns each; kasparro "
-            f"{spread([r for r, _ in mine_runs])}, reference {spread(ref_runs)} rec/s"
-        )
-    return chosen, url, ref_chosen, note
+        shift = index % len(contestants)
+        for who in contestants[shift:] + contestants[:shift]:
+            if who is None:
+                turns.reference.append(ref(index))
+            elif who is THIS:
+                turns.mine.append(mine(index, who))
+            else:
+                turns.variants[who.label].append(mine(index, who)[0])
+    return turns
 
 
 def _log_load(ctx: Context, who: str, run: Ingestion) -> None:
@@ -384,11 +503,11 @@ def _log_load(ctx: Context, who: str, run: Ingestion) -> None:
 def ingest_csv(ctx: Context) -> None:
     """The 1M-row CSV end to end, then the no-op rerun, against the reference."""
 
-    def mine(index: int) -> tuple[Ingestion, str]:
+    def mine(index: int, variant: Variant) -> tuple[Ingestion, str]:
         url = ctx.server.create("csv")
-        ctx.log(f"  etl run: {ctx.inputs.csv.name} (turn {index + 1})")
-        run = etl_run(ctx, url, "csv", f"csv-full-{index + 1}")
-        _log_load(ctx, "kasparro", run)
+        ctx.log(f"  etl run ({variant.label}): {ctx.inputs.csv.name} (turn {index + 1})")
+        run = etl_run(ctx, url, "csv", f"csv-full-{variant.label}-{index + 1}", variant=variant)
+        _log_load(ctx, variant.label, run)
         return run, url
 
     def ref(index: int) -> Ingestion:
@@ -398,7 +517,8 @@ def ingest_csv(ctx: Context) -> None:
         _log_load(ctx, "reference", run)
         return run
 
-    full, url, ref_run, note = _rounds(ctx, mine, ref)
+    turns = _rounds(ctx, mine, ref)
+    full, url = turns.median_mine()
     ctx.csv_full = full
     unified = _unified_rows(url)
     # Three reruns, the median kept: one start-up of a 0.3 s process is at the
@@ -407,7 +527,7 @@ def ingest_csv(ctx: Context) -> None:
     noops = [etl_run(ctx, url, "csv", f"csv-noop-{index + 1}") for index in range(3)]
     ctx.log("    " + ", ".join(f"{n.measured.wall_seconds:.2f}s" for n in noops))
     noop = sorted(noops, key=lambda n: n.measured.wall_seconds)[1]
-    _ingestion_rows(ctx, "ingest_csv", full, ref_run, Goal(">=", 1.3), unified, note)
+    _ingestion_rows(ctx, "ingest_csv", turns, Goal(">=", 1.3), unified)
     add = ctx.results.add
     add(
         Row(
@@ -436,14 +556,66 @@ def ingest_csv(ctx: Context) -> None:
     ctx.loaded_db = url
 
 
+def refresh_csv(ctx: Context) -> None:
+    """Every name again: the 1M-row CSV loaded, then a second file of the same
+    names (each ten times) with new values and newer timestamps, measured.
+
+    This is what a ticker export refreshed every few minutes brings: no new
+    name, every record new, every unified row replaced by a newer one. Each
+    contestant loads the first file once; each turn copies that database and
+    loads the second file onto the copy.
+    """
+    second = str(ctx.inputs.csv_second)
+    templates: dict[str, str] = {}
+
+    def loaded(variant: Variant) -> str:
+        if variant.label not in templates:
+            url = ctx.server.create("refresh_first")
+            ctx.log(f"  etl run ({variant.label}): {ctx.inputs.csv.name} (the first load)")
+            etl_run(ctx, url, "csv", f"refresh-first-{variant.label}", variant=variant)
+            templates[variant.label] = url
+        return ctx.server.create("refresh", template=templates[variant.label])
+
+    def mine(index: int, variant: Variant) -> tuple[Ingestion, str]:
+        url = loaded(variant)
+        ctx.log(f"  etl run ({variant.label}): {ctx.inputs.csv_second.name} (turn {index + 1})")
+        run = etl_run(
+            ctx,
+            url,
+            "csv",
+            f"refresh-csv-{variant.label}-{index + 1}",
+            {"CSV_SOURCE_PATH": second},
+            variant=variant,
+        )
+        _log_load(ctx, variant.label, run)
+        return run, url
+
+    def ref(index: int) -> Ingestion:
+        if "reference" not in templates:
+            ctx.log("  reference: the first load")
+            url = ctx.server.create("ref_refresh_first")
+            reference_run(ctx, "csv", str(ctx.inputs.csv), CSV_MAPPING, "ref-first", url=url)
+            templates["reference"] = url
+        url = ctx.server.create("ref_refresh", template=templates["reference"])
+        run = reference_run(
+            ctx, "csv", second, CSV_MAPPING, f"reference-refresh-csv-{index + 1}", url=url
+        )
+        _log_load(ctx, "reference", run)
+        return run
+
+    turns = _rounds(ctx, mine, ref)
+    _, url = turns.median_mine()
+    _ingestion_rows(ctx, "refresh_csv", turns, Goal(">=", 1.0), _unified_rows(url))
+
+
 def ingest_jsonl(ctx: Context) -> None:
     """The JSON Lines file end to end against the reference."""
 
-    def mine(index: int) -> tuple[Ingestion, str]:
+    def mine(index: int, variant: Variant) -> tuple[Ingestion, str]:
         url = ctx.server.create("jsonl")
-        ctx.log(f"  etl run: {ctx.inputs.jsonl.name} (turn {index + 1})")
-        run = etl_run(ctx, url, "json", f"jsonl-{index + 1}")
-        _log_load(ctx, "kasparro", run)
+        ctx.log(f"  etl run ({variant.label}): {ctx.inputs.jsonl.name} (turn {index + 1})")
+        run = etl_run(ctx, url, "json", f"jsonl-{variant.label}-{index + 1}", variant=variant)
+        _log_load(ctx, variant.label, run)
         return run, url
 
     def ref(index: int) -> Ingestion:
@@ -452,8 +624,9 @@ def ingest_jsonl(ctx: Context) -> None:
         _log_load(ctx, "reference", run)
         return run
 
-    run, url, ref_run, note = _rounds(ctx, mine, ref)
-    _ingestion_rows(ctx, "ingest_jsonl", run, ref_run, Goal(">=", 1.0), _unified_rows(url), note)
+    turns = _rounds(ctx, mine, ref)
+    _, url = turns.median_mine()
+    _ingestion_rows(ctx, "ingest_jsonl", turns, Goal(">=", 1.0), _unified_rows(url))
 
 
 def ingest_http(ctx: Context) -> None:
@@ -461,14 +634,14 @@ def ingest_http(ctx: Context) -> None:
     upstream = ctx.upstream
     assert upstream is not None
 
-    def mine(index: int) -> tuple[Ingestion, str]:
+    def mine(index: int, variant: Variant) -> tuple[Ingestion, str]:
         url = ctx.server.create("http")
         ctx.log(
-            f"  etl run: {ctx.sizes.http_records:,} records over {ctx.sizes.http_pages} pages "
-            f"(turn {index + 1})"
+            f"  etl run ({variant.label}): {ctx.sizes.http_records:,} records over "
+            f"{ctx.sizes.http_pages} pages (turn {index + 1})"
         )
-        run = etl_run(ctx, url, "api", f"http-{index + 1}")
-        _log_load(ctx, "kasparro", run)
+        run = etl_run(ctx, url, "api", f"http-{variant.label}-{index + 1}", variant=variant)
+        _log_load(ctx, variant.label, run)
         return run, url
 
     def ref(index: int) -> Ingestion:
@@ -476,8 +649,77 @@ def ingest_http(ctx: Context) -> None:
         _log_load(ctx, "reference", run)
         return run
 
-    run, url, ref_run, note = _rounds(ctx, mine, ref)
-    _ingestion_rows(ctx, "ingest_http", run, ref_run, Goal(">=", 0.7), _unified_rows(url), note)
+    turns = _rounds(ctx, mine, ref)
+    _, url = turns.median_mine()
+    _ingestion_rows(ctx, "ingest_http", turns, Goal(">=", 0.7), _unified_rows(url))
+
+
+def refresh_http(ctx: Context) -> None:
+    """An API response of 10k tickers in one request, as the shipped ``api`` source
+    asks for it: the first load, then the same coins with new prices and newer
+    timestamps (a ticker refresh), each measured, on a fresh database per turn."""
+    records = ctx.sizes.noop_http_records
+    first = PagedUpstream(make_tickers(records, seed=8), records).start()
+    newer = PagedUpstream(make_tickers(records, seed=9, shift_days=1), records).start()
+    sources = str(ctx.inputs.api_only_sources_file)
+    first_loads = Turns(variants={v.label: [] for v in ctx.variants})
+
+    def mine(index: int, variant: Variant) -> tuple[Ingestion, str]:
+        url = ctx.server.create("refresh_http")
+        label = f"{variant.label}-{index + 1}"
+        ctx.log(
+            f"  etl run ({variant.label}): {records:,} tickers, then refreshed (turn {index + 1})"
+        )
+        extra = {"SOURCES_FILE": sources, "API_SOURCE_URL": first.url}
+        load = etl_run(ctx, url, "api", f"refresh-http-first-{label}", extra, variant=variant)
+        extra["API_SOURCE_URL"] = newer.url
+        run = etl_run(ctx, url, "api", f"refresh-http-{label}", extra, variant=variant)
+        if variant is THIS:
+            first_loads.mine.append((load, url))
+        else:
+            first_loads.variants[variant.label].append(load)
+        ctx.log(
+            f"    {variant.label}: first load {load.measured.wall_seconds:.2f}s, "
+            f"refresh {run.measured.wall_seconds:.2f}s"
+        )
+        return run, url
+
+    def ref(index: int) -> Ingestion:
+        url = ctx.server.create("ref_refresh_http")
+        load = reference_run(
+            ctx,
+            "http",
+            first.url,
+            HTTP_MAPPING,
+            f"ref-http-first-{index + 1}",
+            url=url,
+            page_size=records,
+        )
+        first_loads.reference.append(load)
+        run = reference_run(
+            ctx,
+            "http",
+            newer.url,
+            HTTP_MAPPING,
+            f"ref-http-refresh-{index + 1}",
+            url=url,
+            page_size=records,
+        )
+        ctx.log(
+            f"    reference: first load {load.measured.wall_seconds:.2f}s, "
+            f"refresh {run.measured.wall_seconds:.2f}s"
+        )
+        return run
+
+    try:
+        turns = _rounds(ctx, mine, ref)
+    finally:
+        first.stop()
+        newer.stop()
+    _, url = turns.median_mine()
+    unified = _unified_rows(url)
+    _ingestion_rows(ctx, "first_http", first_loads, Goal(">=", 1.0), unified)
+    _ingestion_rows(ctx, "refresh_http", turns, Goal(">=", 1.0), unified)
 
 
 def noop_http(ctx: Context) -> None:
@@ -769,7 +1011,14 @@ def get_json(
 class Service:
     """``kasparro serve`` on a free port, stopped on exit."""
 
-    def __init__(self, ctx: Context, url: str, label: str, extra: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        url: str,
+        label: str,
+        extra: Mapping[str, str],
+        variant: Variant = THIS,
+    ) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         settings = {
@@ -778,9 +1027,12 @@ class Service:
             "ETL_ON_STARTUP": "false",
             "ETL_INTERVAL_SECONDS": "0",
             **extra,
+            **variant.env,
         }
-        env = service_env(ctx.workdir, _service_settings(ctx, url, settings))
-        argv = kasparro("serve", "--host", "127.0.0.1", "--port", str(self.port))
+        env = service_env(ctx.workdir, _service_settings(ctx, url, settings), variant.root)
+        argv = kasparro(
+            "serve", "--host", "127.0.0.1", "--port", str(self.port), python=variant.python
+        )
         self.process = Background(argv, env, ctx.workdir, ctx.logs / f"{ctx.label(label)}.log")
         self._wait_ready()
 
@@ -956,14 +1208,21 @@ NOT_KEPT = "/data, pages not kept:"
 """Figures of a server started with ``DATA_CACHE_BYTES=0``."""
 
 
-def _in_turns(
-    ctx: Context, service: Service, targets: list[tuple[str, str, Mapping[str, str]]]
-) -> dict[str, Measurement]:
-    """Every target in turn, ``rounds`` times; each keeps the measurement of median
-    req/s, so a noisy moment of the shared machine hits all alike."""
-    turns: dict[str, list[Measurement]] = {name: [] for name, _, _ in targets}
+Target = tuple[str, "Service", str, Mapping[str, str]]
+"""A figure's name, the server, the path and the headers of its requests."""
+
+
+def _in_turns(ctx: Context, targets: list[Target]) -> dict[str, list[Measurement]]:
+    """Every target in turn, ``rounds`` times, so a noisy moment of the shared
+    machine hits all alike; each turn starts one server further on."""
+    turns: dict[str, list[Measurement]] = {name: [] for name, _, _, _ in targets}
+    servers = list(dict.fromkeys(id(service) for _, service, _, _ in targets))
     for turn in range(ctx.sizes.rounds):
-        for name, path, headers in targets:
+        first = servers[turn % len(servers)]
+        ordered = sorted(
+            targets, key=lambda t: (servers.index(id(t[1])) - servers.index(first)) % len(servers)
+        )
+        for name, service, path, headers in ordered:
             ctx.log(f"  {name} (turn {turn + 1})")
             result = measure(ctx, service, path, headers)
             turns[name].append(result)
@@ -971,18 +1230,34 @@ def _in_turns(
                 f"    {result.rps:,.0f} req/s, "
                 f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms ({result.busy()})"
             )
-    return {
-        name: sorted(results, key=lambda r: r.rps)[(len(results) - 1) // 2]
-        for name, results in turns.items()
-    }
+    return turns
+
+
+def _median_rps(results: list[Measurement]) -> Measurement:
+    return sorted(results, key=lambda r: r.rps)[(len(results) - 1) // 2]
+
+
+def _paired(mine: list[Measurement], other: list[Measurement]) -> str:
+    return ", ".join(f"{a.rps / b.rps:.2f}x" for a, b in zip(mine, other, strict=True) if b.rps)
 
 
 def reads(ctx: Context) -> None:
     """``/data`` first, deep-by-cursor and deep-by-offset pages, ``/health``, ``/stats``,
-    each against ``GET /`` of the same server."""
+    each against ``GET /`` of the same server; the same pages from a server that
+    keeps none (``DATA_CACHE_BYTES=0``), and from each variant's server, all in turns."""
     url = _ensure_loaded(ctx)
     rows = _unified_rows(url)
-    with Service(ctx, url, "serve-reads", {}) as service:
+    with contextlib.ExitStack() as stack:
+        service = stack.enter_context(Service(ctx, url, "serve-reads", {}))
+        # The same pages from a server that keeps none: what reading a page costs
+        # (the first request after every change pays it).
+        plain = stack.enter_context(
+            Service(ctx, url, "serve-reads-not-kept", {"DATA_CACHE_BYTES": "0"})
+        )
+        others = [
+            (v, stack.enter_context(Service(ctx, url, f"serve-reads-{v.label}", {}, v)))
+            for v in ctx.variants
+        ]
         base = service.base
         status, first = get_json(f"{base}/data?limit=1", AUTH)
         if status != 200 or not isinstance(first, dict):
@@ -992,31 +1267,31 @@ def reads(ctx: Context) -> None:
         status, last = get_json(f"{base}/data?limit=100&cursor={quote(cursor)}", AUTH)
         if status != 200 or not (last.get("data") if isinstance(last, dict) else None):
             raise BenchError(f"the deep cursor page answered {status}: {str(last)[:300]}")
-        targets: list[tuple[str, str, Mapping[str, str]]] = [
-            ("GET /", "/", {}),
-            ("/data?limit=100 first page", "/data?limit=100", AUTH),
-            ("/data deepest page by cursor", f"/data?limit=100&cursor={quote(cursor)}", AUTH),
-            ("/data deepest page by offset", f"/data?limit=100&offset={max(0, total - 100)}", AUTH),
-            ("/health", "/health", {}),
-            ("/stats", "/stats", {}),
+        deep = f"/data?limit=100&cursor={quote(cursor)}"
+        targets: list[Target] = [
+            ("GET /", service, "/", {}),
+            ("/data?limit=100 first page", service, "/data?limit=100", AUTH),
+            ("/data deepest page by cursor", service, deep, AUTH),
+            (
+                "/data deepest page by offset",
+                service,
+                f"/data?limit=100&offset={max(0, total - 100)}",
+                AUTH,
+            ),
+            ("/health", service, "/health", {}),
+            ("/stats", service, "/stats", {}),
+            (f"{NOT_KEPT} GET /", plain, "/", {}),
+            (f"{NOT_KEPT} first page", plain, "/data?limit=100", AUTH),
+            (f"{NOT_KEPT} deepest page by cursor", plain, deep, AUTH),
         ]
-        measured = _in_turns(ctx, service, targets)
-    # The same pages from a server that keeps none: what reading a page costs
-    # (the first request after every change pays it).
-    with Service(ctx, url, "serve-reads-not-kept", {"DATA_CACHE_BYTES": "0"}) as service:
-        not_kept = _in_turns(
-            ctx,
-            service,
-            [
-                (f"{NOT_KEPT} GET /", "/", {}),
-                (f"{NOT_KEPT} first page", "/data?limit=100", AUTH),
-                (
-                    f"{NOT_KEPT} deepest page by cursor",
-                    f"/data?limit=100&cursor={quote(cursor)}",
-                    AUTH,
-                ),
-            ],
-        )
+        for variant, server in others:
+            targets += [
+                (f"{variant.label}: GET /", server, "/", {}),
+                (f"{variant.label}: first page", server, "/data?limit=100", AUTH),
+                (f"{variant.label}: deepest page by cursor", server, deep, AUTH),
+            ]
+        every = _in_turns(ctx, targets)
+    measured = {name: _median_rps(results) for name, results in every.items()}
     root = measured["GET /"]
     first_page = measured["/data?limit=100 first page"]
     failed = {name: r.errors for name, r in measured.items() if r.errors}
@@ -1026,9 +1301,14 @@ def reads(ctx: Context) -> None:
     add = ctx.results.add
     add(Row("reads", "GET / req/s (the baseline)", root.rps, "req/s", note=root.busy()))
     add(Row("reads", "GET / p99", root.p99_ms, "ms"))
-    for name, result in measured.items():
-        if name == "GET /":
-            continue
+    for name in (
+        "/data?limit=100 first page",
+        "/data deepest page by cursor",
+        "/data deepest page by offset",
+        "/health",
+        "/stats",
+    ):
+        result = measured[name]
         is_first = result is first_page
         notes = [note] if is_first and note else []
         if result.busy():
@@ -1071,9 +1351,9 @@ def reads(ctx: Context) -> None:
                 Goal(">=", 0.9) if "cursor" in name else None,
             )
         )
-    plain_root = not_kept[f"{NOT_KEPT} GET /"]
-    plain_first = not_kept[f"{NOT_KEPT} first page"]
-    plain_deep = not_kept[f"{NOT_KEPT} deepest page by cursor"]
+    plain_root = measured[f"{NOT_KEPT} GET /"]
+    plain_first = measured[f"{NOT_KEPT} first page"]
+    plain_deep = measured[f"{NOT_KEPT} deepest page by cursor"]
     add(Row("reads", f"{NOT_KEPT} GET / req/s", plain_root.rps, "req/s", note=plain_root.busy()))
     for name, result in (
         (f"{NOT_KEPT} first page", plain_first),
@@ -1102,12 +1382,69 @@ def reads(ctx: Context) -> None:
             Goal(">=", 0.9),
         )
     )
+    # What keeping pages buys, turn by turn (the servers took turns).
+    for name, kept, fresh in (
+        ("first page", "/data?limit=100 first page", f"{NOT_KEPT} first page"),
+        (
+            "deepest page by cursor",
+            "/data deepest page by cursor",
+            f"{NOT_KEPT} deepest page by cursor",
+        ),
+    ):
+        add(
+            Row(
+                "reads",
+                f"/data {name} req/s, pages kept against not kept",
+                measured[kept].rps,
+                "req/s",
+                "not kept",
+                measured[fresh].rps,
+                note=f"each turn: {_paired(every[kept], every[fresh])}",
+            )
+        )
+        add(
+            Row(
+                "reads",
+                f"/data {name} p99, pages kept against not kept",
+                measured[kept].p99_ms,
+                "ms",
+                "not kept",
+                measured[fresh].p99_ms,
+            )
+        )
+    for variant, _ in others:
+        for name, mine in (
+            ("first page", "/data?limit=100 first page"),
+            ("deepest page by cursor", "/data deepest page by cursor"),
+        ):
+            theirs = f"{variant.label}: {name}"
+            add(
+                Row(
+                    "reads",
+                    f"/data {name} req/s against {variant.label}",
+                    measured[mine].rps,
+                    "req/s",
+                    variant.label,
+                    measured[theirs].rps,
+                    note=f"each turn: {_paired(every[mine], every[theirs])}",
+                )
+            )
+            add(
+                Row(
+                    "reads",
+                    f"/data {name} p99 against {variant.label}",
+                    measured[mine].p99_ms,
+                    "ms",
+                    variant.label,
+                    measured[theirs].p99_ms,
+                )
+            )
     ctx.results.details["reads"] = {
         "unified_rows": rows,
         "total_reported": total,
         "connections": 32,
         **{name: _load_summary(r) for name, r in measured.items()},
-        **{name: _load_summary(r) for name, r in not_kept.items()},
+        "turns": {name: [round(r.rps, 1) for r in results] for name, results in every.items()},
     }
 
 
@@ -1493,8 +1830,10 @@ def identity(ctx: Context) -> None:
 
 SCENARIOS: dict[str, Callable[[Context], None]] = {
     "ingest_csv": ingest_csv,
+    "refresh_csv": refresh_csv,
     "ingest_jsonl": ingest_jsonl,
     "ingest_http": ingest_http,
+    "refresh_http": refresh_http,
     "noop_http": noop_http,
     "metrics_scrape": metrics_scrape,
     "memory": memory,
@@ -1506,8 +1845,10 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
 }
 DEFAULT = (
     "ingest_csv",
+    "refresh_csv",
     "ingest_jsonl",
     "ingest_http",
+    "refresh_http",
     "noop_http",
     "metrics_scrape",
     "memory",
@@ -1520,8 +1861,10 @@ DEFAULT = (
 # Which generated files each scenario reads.
 NEEDS: dict[str, set[str]] = {
     "ingest_csv": {"csv"},
+    "refresh_csv": {"csv", "csv_second"},
     "ingest_jsonl": {"jsonl"},
     "ingest_http": set(),
+    "refresh_http": set(),
     "noop_http": set(),
     "metrics_scrape": set(),
     "memory": {"csv", "memory_csv"},
