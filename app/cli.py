@@ -1,4 +1,4 @@
-"""The ``kasparro`` command line (contract section 1)."""
+"""The ``kasparro`` command line: ``serve``, ``etl run|reset|reprocess``, ``db upgrade|url``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Response bodies of the HTTP API (contract section 3), as msgspec Structs.
+"""Response bodies of the HTTP API, as msgspec Structs.
 
 Timestamps are aware UTC datetimes: msgspec writes them as ISO 8601 with ``Z``.
 """

@@ -2,9 +2,9 @@
 
 Parsing, transforming and encoding batches are CPU work that holds the GIL; in
 the service's own interpreter they take turns with every request, and ``/data``
-slows down several times while a large run goes on (``make bench``,
-``under_load``). So the service runs each run as the command a scheduler would
-run, with the trigger and the run's id passed:
+slows down while a large run goes on (docs/performance.md). So the service runs
+each run as the command a scheduler would run, with the trigger and the run's
+id passed:
 
 - the child gets the service's settings as environment variables, and prints
   one JSON line, the run object (or ``{"status": "skipped", ...}``); its log

@@ -1,4 +1,4 @@
-"""The declared sources (contract section 5), read from ``sources.toml``."""
+"""The declared sources, read from ``sources.toml``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of contract section 3.
+"""Prometheus metrics.
 
 Two kinds, served together on ``/metrics``:
 

@@ -232,8 +232,8 @@ def run_migrations(url: str, *, statement_cache_size: int = 100) -> None:
 
     A database at the newest migration already is recognised with one query, and
     an empty one gets the rendered schema as one script, both without loading
-    Alembic and SQLAlchemy (most of a short command's start-up, and 0.6 s of a
-    first load); a database at an older migration is upgraded by Alembic.
+    Alembic and SQLAlchemy (most of a short command's start-up); a database at
+    an older migration is upgraded by Alembic.
     """
     root = _migrations_root()
     if asyncio.run(_migrate_without_alembic(url, root, head_revision(root), statement_cache_size)):

@@ -1,4 +1,4 @@
-"""Schema drift of one source batch (contract section 5); pure, no I/O.
+"""Schema drift of one source batch; pure, no I/O.
 
 A batch's *observed schema* (dotted field path -> JSON type name) is compared
 with the source's mapping and with the schema last seen for the source. The
@@ -12,7 +12,7 @@ Observation (``observe_schema``)
     the first of string, number, boolean, object, array); ``"null"`` only when
     the path is null everywhere. Batches above 1000 records are sampled: all of
     the first 1000, then every k-th record so at most about 2000 are walked
-    (20k flat records stay far below 50 ms). Non-dict records are ignored.
+    (a large batch costs what 2000 records do). Non-dict records are ignored.
 
 Presence
     A path is *present* when it is in the observation or, when the observation

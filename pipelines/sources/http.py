@@ -1,9 +1,9 @@
-"""The ``http`` source: JSON records from a REST endpoint (contract section 5).
+"""The ``http`` source: JSON records from a REST endpoint.
 
 One GET, or ``?page=N&per_page=M`` until a short page. Requests go through a
 token bucket; 408, 429, 5xx, connection errors, timeouts and bodies cut short
 are retried with exponential backoff and full jitter (``Retry-After`` wins);
-401/403 and other 4xx fail at once (design: "HTTP error taxonomy").
+401/403 and other 4xx fail at once.
 
 Every run reads the whole collection and hands every record on: raw rows are
 unique per content hash, so a record seen before is counted as a duplicate and
@@ -59,7 +59,7 @@ class _Envelope(msgspec.Struct):
     data: list[dict[str, Any]]
 
 
-# Built once (design: "Performance shape"). An array and an object-like Struct may
+# Built once, not per page. An array and an object-like Struct may
 # share a msgspec union, so one decode both parses and checks the shape.
 _page_decoder: msgspec.json.Decoder[list[dict[str, Any]] | _Envelope] = msgspec.json.Decoder(
     list[dict[str, Any]] | _Envelope
