@@ -130,6 +130,30 @@ class DatabaseServer:
         with contextlib.suppress(asyncpg.PostgresError):
             asyncio.run(go())
 
+    def settle(self, timeout: float = 120.0) -> None:
+        """Wait (up to ``timeout`` seconds) until no autovacuum worker runs on the
+        bench's databases: the vacuum of an earlier loader's database must not be
+        charged to the next one."""
+
+        async def go() -> None:
+            conn = await asyncpg.connect(self.admin_url)
+            try:
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    busy = await conn.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE backend_type = 'autovacuum worker' AND datname = ANY($1)",
+                        self.created,
+                    )
+                    if not busy:
+                        return
+                    await asyncio.sleep(0.5)
+            finally:
+                await conn.close()
+
+        with contextlib.suppress(asyncpg.PostgresError):
+            asyncio.run(go())
+
     def checkpoints(self) -> int | None:
         """Checkpoints the server has run so far (timed and requested)."""
 

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import sys
 import time
 import urllib.error
@@ -160,6 +161,7 @@ class _DbMeter:
 
     def __init__(self, ctx: Context, url: str) -> None:
         self.ctx, self.url = ctx, url
+        ctx.server.settle()
         ctx.server.checkpoint()
         self.checkpoints = ctx.server.checkpoints()
         self.active = active_seconds(url)
@@ -382,6 +384,10 @@ def _ingestion_rows(
     }
 
 
+def _cpu(run: Ingestion) -> float:
+    return run.measured.cpu_seconds + (run.db.cpu_seconds or 0.0)
+
+
 def _variant_rows(ctx: Context, scenario: str, turns: Turns, ref: Ingestion) -> None:
     """Per variant: this code's median rate against the variant's, with the ratio of
     each turn (the spread), and the variant's median against the reference."""
@@ -402,6 +408,22 @@ def _variant_rows(ctx: Context, scenario: str, turns: Turns, ref: Ingestion) -> 
                 note=f"each turn: {paired}; {label} {_spread(runs)} rec/s",
             )
         )
+        if all(r.db.cpu_seconds is not None for r in [*mine, *runs]):
+            # CPU seconds hardly depend on what else the machine runs; wall time does.
+            cpu = ", ".join(
+                f"{_cpu(a) / _cpu(b):.2f}x" for a, b in zip(mine, runs, strict=True) if _cpu(b)
+            )
+            add(
+                Row(
+                    scenario,
+                    f"CPU of the loader and the database server against {label}",
+                    statistics.median(_cpu(r) for r in mine),
+                    "s",
+                    label,
+                    statistics.median(_cpu(r) for r in runs),
+                    note=f"each turn: {cpu}",
+                )
+            )
         add(
             Row(
                 scenario,
@@ -1103,6 +1125,12 @@ class Measurement:
     def requests(self) -> int:
         return self.load.requests
 
+    def cpu_per_request_ms(self) -> float | None:
+        """CPU of the service and the database server per request answered."""
+        if self.serve_cores is None or self.db_cores is None or not self.rps:
+            return None
+        return (self.serve_cores + self.db_cores) / self.rps * 1000.0
+
     def busy(self) -> str:
         parts = []
         if self.serve_cores is not None:
@@ -1412,6 +1440,23 @@ def reads(ctx: Context) -> None:
                 measured[fresh].p99_ms,
             )
         )
+        kept_cpu = [m.cpu_per_request_ms() for m in every[kept]]
+        fresh_cpu = [m.cpu_per_request_ms() for m in every[fresh]]
+        if None not in kept_cpu and None not in fresh_cpu:
+            add(
+                Row(
+                    "reads",
+                    f"/data {name} CPU per request (serve and database), kept against not kept",
+                    statistics.median(c for c in kept_cpu if c is not None),
+                    "ms",
+                    "not kept",
+                    statistics.median(c for c in fresh_cpu if c is not None),
+                    note="each turn: "
+                    + ", ".join(
+                        f"{a / b:.2f}x" for a, b in zip(kept_cpu, fresh_cpu, strict=True) if a and b
+                    ),
+                )
+            )
     for variant, _ in others:
         for name, mine in (
             ("first page", "/data?limit=100 first page"),
