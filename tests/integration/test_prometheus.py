@@ -85,8 +85,22 @@ class Prometheus:
                 stderr=subprocess.STDOUT,
             )
 
+    def ready(self, timeout: float) -> None:
+        """Waits until the server answers queries (it says 503 while its storage opens)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.base}/-/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert self.process.poll() is None, self.log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "prometheus never became ready"
+            time.sleep(0.2)
+
     def query(self, expr: str) -> list[Any]:
         response = httpx.get(f"{self.base}/api/v1/query", params={"query": expr}, timeout=10)
+        assert response.status_code == 200, f"{expr}: {response.status_code} {response.text}"
         body = response.json()
         assert body["status"] == "success", f"{expr}: {body}"
         result: list[Any] = body["data"]["result"]
@@ -132,6 +146,7 @@ def test_prometheus_evaluates_every_dashboard_query_and_rule_on_a_live_service(
     try:
         target = urlsplit(served.listening()).netloc
         prometheus = Prometheus(tmp_path, target)
+        prometheus.ready(timeout=60)
         # The startup run finished and was scraped, and a few scrapes followed.
         prometheus.until('etl_runs_total{status="success"} == 1', timeout=60)
         prometheus.until('count_over_time(up{job="kasparro"}[1m]) >= 6', timeout=60)
