@@ -1,6 +1,6 @@
 """The batch transaction: raw rows, rejections, unified upserts, checkpoint, counters.
 
-Everything a batch changes commits together or not at all (contract section 4),
+Everything a batch changes commits together or not at all,
 so a crash at any instant loses nothing and duplicates nothing.
 """
 

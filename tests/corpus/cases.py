@@ -1,11 +1,11 @@
-"""The corpus of bad inputs (issue 4): each file, and what the pipeline must make of it.
+"""The corpus of bad inputs: each file, and what the pipeline must make of it.
 
 Every case is run through the real pipeline by ``tests/integration/test_corpus.py``,
-one source per run, with the mapping of contract section 5 (``csv``:
+one source per run, with the default mappings (``csv``:
 name/value/updated_at; ``json``: name/current_price/last_updated/id) unless the
 case gives another.
 
-Outcomes (contract sections 3 and 4):
+Outcomes:
 
 ``coerced``
     The source succeeds and nothing is rejected (run ``success``); ``unified`` lists

@@ -1,4 +1,4 @@
-"""The exact end-of-scenario audit of the database (issue 6, acceptance 1).
+"""The exact end-of-scenario audit of the database.
 
 Given what every source delivered, the audit computes on its own (without the
 product's code) what the database must hold, reads what it holds, prints both

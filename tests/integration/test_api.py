@@ -1,4 +1,4 @@
-"""The HTTP API through the real app and a real PostgreSQL (contract section 3).
+"""The HTTP API through the real app and a real PostgreSQL.
 
 Rows are written with SQL so that these tests depend on the API alone, not on
 the pipeline. The app runs in the test client's own event loop; the ``pool``

@@ -1,4 +1,4 @@
-"""``/health`` while the database goes away and comes back (issue 3, acceptance 3).
+"""``/health`` while the database goes away and comes back.
 
 A TCP proxy the test controls sits between the app and PostgreSQL. It runs in a
 thread of its own: the test client blocks the test's event loop during each

@@ -1,4 +1,4 @@
-"""The API around a real ETL run: metrics (issue 3, acceptance 5), stats, rejections.
+"""The API around a real ETL run: metrics, stats, rejections.
 
 The service runs the pipeline's own runner on local CSV and JSON files. A gate
 holds the startup run until the test has read the metrics as they were before it.

@@ -1,4 +1,4 @@
-"""``kasparro etl run`` as a process: exit codes, ``--json``, one-line errors (acceptance 7).
+"""``kasparro etl run`` as a process: exit codes, ``--json``, one-line errors.
 
 The CLI runs as ``python -m app.cli`` from the repository root with a clean
 environment; the ``api`` source points at the fake upstream in a thread.

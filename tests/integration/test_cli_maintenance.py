@@ -1,4 +1,4 @@
-"""``etl reset`` and ``etl reprocess`` as processes (acceptance 9 of issue 2)."""
+"""``etl reset`` and ``etl reprocess`` as processes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every case of the bad-input corpus (issue 4, acceptance 2) through the real pipeline.
+"""Every case of the bad-input corpus through the real pipeline.
 
 Each case gets a fresh database and a sources file declaring one source that reads
 the case's file. The run must end as written beside the case in

@@ -1,4 +1,4 @@
-"""Drift policies on the CoinGecko-shaped JSON source (issue 4, acceptance 1).
+"""Drift policies on the CoinGecko-shaped JSON source.
 
 The shipped ``data/third_source.json`` with ``current_price`` renamed
 ``currentPrice``: under ``evolve`` the run records a ``renamed`` event with

@@ -1,4 +1,4 @@
-"""Identity: one row per real asset, whatever the upstreams call it (contract sections 4, 5).
+"""Identity: one row per real asset, whatever the upstreams call it.
 
 Each test runs the real pipeline on a real PostgreSQL: a fake CoinPaprika on
 127.0.0.1 for the ``api`` source and CoinGecko-shaped files for ``json``, both

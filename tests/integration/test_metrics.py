@@ -1,4 +1,4 @@
-"""The etl_* metrics describe the database, not the process (contract section 3).
+"""The etl_* metrics describe the database, not the process.
 
 Every replica serves the same figures whoever ran the run (``kasparro etl run``
 here, a command of its own), after a restart too; every known label value is

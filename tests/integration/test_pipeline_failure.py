@@ -1,4 +1,4 @@
-"""The controlled mid-run failure and the recovery after it (acceptance 5)."""
+"""The controlled mid-run failure and the recovery after it."""
 
 from __future__ import annotations
 

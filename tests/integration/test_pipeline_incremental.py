@@ -1,4 +1,4 @@
-"""Incremental reading across runs (issue 2, acceptance 1-3; JSON Lines and arrays).
+"""Incremental reading across runs (JSON Lines and arrays).
 
 Real PostgreSQL, the real runner, the fake upstream for the ``api`` source.
 """

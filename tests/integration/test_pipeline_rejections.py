@@ -1,4 +1,4 @@
-"""Invalid records are rejected with a reason and still kept in raw (contract section 4)."""
+"""Invalid records are rejected with a reason and still kept in raw."""
 
 from __future__ import annotations
 

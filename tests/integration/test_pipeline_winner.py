@@ -1,4 +1,4 @@
-"""One unified row per canonical name, newest wins whatever the arrival order (acceptance 4)."""
+"""One unified row per canonical name, newest wins whatever the arrival order."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``kasparro serve`` as a process (issue 3, acceptance 4, 6 and 7).
+"""``kasparro serve`` as a process.
 
 Each test starts the real command on a fresh database with ``LOG_FORMAT=json``,
 reads its stdout line by line in a thread, and talks to it over HTTP.

@@ -1,4 +1,4 @@
-"""Schema drift detection (contract section 5): pipelines/drift.py."""
+"""Schema drift detection: pipelines/drift.py."""
 
 from __future__ import annotations
 

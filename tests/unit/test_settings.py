@@ -1,4 +1,4 @@
-"""Settings and the sources file (contract section 2 and 5): bad values name the setting."""
+"""Settings and the sources file: bad values name the setting."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Canonical names, values and timestamps (contract section 4): pipelines/transform.py."""
+"""Canonical names, values and timestamps: pipelines/transform.py."""
 
 from __future__ import annotations
 
