@@ -252,7 +252,7 @@ async def _etl_reprocess(settings: Settings) -> int:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
-        from app.server import run_server
+        from app.api.server import run_server
 
         port = args.port if args.port is not None else settings.port
         return int(run_server(settings, args.host or settings.host, port))

@@ -17,7 +17,7 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
 
-from app.server import create_app
+from app.api.server import create_app
 from config.settings import Settings
 from tests.helpers import csv_entry, csv_rows, write_csv, write_sources
 from tests.integration.test_serve import Served, served_on_new_database

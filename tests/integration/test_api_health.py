@@ -16,7 +16,7 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from app.server import create_app
+from app.api.server import create_app
 from config.settings import Settings
 from tests.pg_proxy import PgProxy
 

@@ -17,9 +17,9 @@ import pytest
 from litestar import Litestar, get
 from litestar.testing import AsyncTestClient
 
-from app.errors import exception_handlers
-from app.pagination import MAX_CURSOR_LENGTH, MAX_ID, encode_cursor
-from app.server import create_app
+from app.api.errors import exception_handlers
+from app.api.pagination import MAX_CURSOR_LENGTH, MAX_ID, encode_cursor
+from app.api.server import create_app
 from tests.helpers import csv_entry, csv_rows, make_settings, run_etl, write_csv, write_sources
 
 KEY = "hostile-key-0123456789"

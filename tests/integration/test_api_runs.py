@@ -17,7 +17,7 @@ from typing import Any
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.server import create_app
+from app.api.server import create_app
 from config.settings import Settings
 from config.sources import load_sources
 from observability.metrics import Metrics

@@ -14,7 +14,7 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from app.server import create_app
+from app.api.server import create_app
 from config.settings import Settings
 from config.sources import load_sources
 from pipelines.reprocess import reprocess

@@ -26,7 +26,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from structlog.testing import capture_logs
 
-from app.server import create_app
+from app.api.server import create_app
 from config.settings import Settings
 from config.sources import FieldMapping, load_sources
 from pipelines.transform import Rejection, transform

@@ -24,9 +24,9 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from app.page_cache import PageCache
-from app.schemas import DataItem
-from app.server import create_app
+from app.api.schemas import DataItem
+from app.api.server import create_app
+from app.service.page_cache import PageCache
 from config.settings import Settings
 from persistence.reads import DataPage
 

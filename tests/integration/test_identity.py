@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
 
-from app.server import create_app
+from app.api.server import create_app
 from config.sources import load_sources
 from pipelines.identity import load_identity
 from pipelines.reprocess import reprocess

@@ -25,7 +25,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.server import create_app
+from app.api.server import create_app
 from config.settings import Settings
 from persistence import runs
 from persistence.database import alembic_upgrade, run_migrations, with_database

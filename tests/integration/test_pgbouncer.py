@@ -206,7 +206,7 @@ async def test_nothing_a_killed_child_sent_commits_after_its_run_is_closed_behin
 ) -> None:
     # Behind a pooler the service cannot end the child's server sessions: the
     # closed run source refuses the batch a dead child left waiting.
-    from app.subprocess_runner import SubprocessRunner
+    from app.service.child_run import SubprocessRunner
     from observability.metrics import Metrics
     from persistence.database import create_pool
     from tests.helpers import make_settings

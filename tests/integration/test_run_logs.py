@@ -25,7 +25,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from app.subprocess_runner import SubprocessRunner
+from app.service.child_run import SubprocessRunner
 from observability.metrics import Metrics
 from tests.fakes.upstream import FakeUpstream, Fault
 from tests.helpers import (

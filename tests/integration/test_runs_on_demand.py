@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
 
-from app.server import create_app
+from app.api.server import create_app
 from config.settings import Settings
 from config.sources import load_sources
 from observability.metrics import Metrics

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from app.compare import compare_runs
+from app.api.compare import compare_runs
 from persistence.reads import RunDetail, SourceRun
 
 T0 = datetime(2026, 11, 27, tzinfo=UTC)

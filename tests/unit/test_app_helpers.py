@@ -6,9 +6,9 @@ import base64
 
 import pytest
 
-from app.middleware import sane_request_id
-from app.pagination import CursorError, decode_cursor, encode_cursor
-from app.security import key_matches
+from app.api.middleware import sane_request_id
+from app.api.pagination import CursorError, decode_cursor, encode_cursor
+from app.api.security import key_matches
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import json
 import uuid
 from typing import Any
 
-from app.controllers.events import CONNECTED, KEEP_ALIVE, event_stream
-from app.events import DROPPED, QUEUE_EVENTS, STOPPING, EventHub, encode
+from app.api.controllers.events import CONNECTED, KEEP_ALIVE, event_stream
+from app.service.events import DROPPED, QUEUE_EVENTS, STOPPING, EventHub, encode
 
 
 async def _no_connection() -> Any:

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from app.server import StopRequested, _StopSignals
+from app.api.server import StopRequested, _StopSignals
 
 
 def test_a_stop_that_lands_in_an_asyncio_callback_still_ends_the_step() -> None:

@@ -16,7 +16,7 @@ from litestar.status_codes import (
 )
 from litestar.types import ExceptionHandlersMap
 
-from app.schemas import ErrorBody
+from app.api.schemas import ErrorBody
 
 log = structlog.get_logger("kasparro.http")
 

@@ -6,9 +6,9 @@ from litestar import Controller, get
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath
 
-from app.dependencies import ServiceDep
-from app.schemas import Entity, EntityMember, error_responses
-from app.security import SECURITY_SCHEME, api_key_guard
+from app.api.dependencies import ServiceDep
+from app.api.schemas import Entity, EntityMember, error_responses
+from app.api.security import SECURITY_SCHEME, api_key_guard
 from persistence import links
 from persistence.reads import READ_TIMEOUT_SECONDS
 from pipelines.transform import canonical_name

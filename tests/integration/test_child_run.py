@@ -1,4 +1,4 @@
-"""The service's runs as ``kasparro etl run --json`` children (app/subprocess_runner.py).
+"""The service's runs as ``kasparro etl run --json`` children (app/service/child_run.py).
 
 Each test drives :class:`SubprocessRunner` as the service's loop does and checks
 what a user sees: the run object, the database, the metrics, the processes left.
@@ -19,7 +19,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from app.subprocess_runner import RunProcessError, SubprocessRunner
+from app.service.child_run import RunProcessError, SubprocessRunner
 from observability.metrics import Metrics
 from persistence import runs
 from tests.helpers import (

@@ -8,11 +8,11 @@ from typing import Annotated
 from litestar import Controller, get
 from litestar.params import QueryParameter
 
-from app.controllers.data import NO_NUL, TEXT_MAX
-from app.dependencies import ServiceDep
-from app.pagination import MAX_ID
-from app.schemas import Rejection, RejectionList, RejectionPagination, error_responses
-from app.security import SECURITY_SCHEME, api_key_guard
+from app.api.controllers.data import NO_NUL, TEXT_MAX
+from app.api.dependencies import ServiceDep
+from app.api.pagination import MAX_ID
+from app.api.schemas import Rejection, RejectionList, RejectionPagination, error_responses
+from app.api.security import SECURITY_SCHEME, api_key_guard
 from persistence import reads
 
 

@@ -10,9 +10,9 @@ from litestar import Controller, Request, get
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import Stream
 
-from app.events import EventHub, StreamEnd
-from app.schemas import error_responses
-from app.security import SECURITY_SCHEME, api_key_guard
+from app.api.schemas import error_responses
+from app.api.security import SECURITY_SCHEME, api_key_guard
+from app.service.events import EventHub, StreamEnd
 
 EVENT_STREAM = "text/event-stream"
 CONNECTED = b"retry: 2000\n: connected\n\n"

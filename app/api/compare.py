@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.schemas import Anomaly, Comparison, Counts, RunSummary, SourceComparison
+from app.api.schemas import Anomaly, Comparison, Counts, RunSummary, SourceComparison
 from persistence.reads import RunDetail, SourceRun
 
 VOLUME_CHANGE_THRESHOLD = 0.5

@@ -25,7 +25,7 @@ UNMATCHED_ROUTE = "<unmatched>"
 MAX_HEADER_BYTES = 16 * 1024
 """Requests whose headers total more are refused with 431; no endpoint of this
 API needs more than a few hundred bytes. The server's protocol
-(:mod:`app.http_protocol`) keeps a head from growing far past this while it is
+(:mod:`app.api.http_protocol`) keeps a head from growing far past this while it is
 read; this is the exact check, for any ASGI server."""
 MAX_HEADER_COUNT = 100
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

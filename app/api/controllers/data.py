@@ -13,16 +13,16 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import QueryParameter
 from litestar.status_codes import HTTP_304_NOT_MODIFIED
 
-from app import etag
-from app.dependencies import ServiceDep
-from app.pagination import (
+from app.api import etag
+from app.api.dependencies import ServiceDep
+from app.api.pagination import (
     CURSOR_PATTERN,
     MAX_CURSOR_LENGTH,
     CursorError,
     decode_cursor,
     encode_cursor,
 )
-from app.schemas import (
+from app.api.schemas import (
     DataPage,
     Meta,
     Pagination,
@@ -31,7 +31,7 @@ from app.schemas import (
     error_responses,
     rendered_items,
 )
-from app.security import SECURITY_SCHEME, api_key_guard
+from app.api.security import SECURITY_SCHEME, api_key_guard
 from persistence import reads
 from pipelines.transform import canonical_name
 

@@ -24,22 +24,22 @@ from litestar.di import Provide
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
-from app.controllers.changes import ChangesController
-from app.controllers.data import DataController
-from app.controllers.entities import EntitiesController
-from app.controllers.events import EventsController
-from app.controllers.quality import QualityController
-from app.controllers.runs import RunsController
-from app.controllers.system import SystemController
-from app.dependencies import provide_service
-from app.errors import exception_handlers
-from app.events import CHANNEL, EventHub
-from app.head import HeadAsGet
-from app.http_protocol import BoundedHttpProtocol
-from app.ingestion import RunnerLike
-from app.middleware import RequestContext
-from app.security import API_KEY_HEADER, SECURITY_SCHEME
-from app.service import Service
+from app.api.controllers.changes import ChangesController
+from app.api.controllers.data import DataController
+from app.api.controllers.entities import EntitiesController
+from app.api.controllers.events import EventsController
+from app.api.controllers.quality import QualityController
+from app.api.controllers.runs import RunsController
+from app.api.controllers.system import SystemController
+from app.api.dependencies import provide_service
+from app.api.errors import exception_handlers
+from app.api.head import HeadAsGet
+from app.api.http_protocol import BoundedHttpProtocol
+from app.api.middleware import RequestContext
+from app.api.security import API_KEY_HEADER, SECURITY_SCHEME
+from app.service.events import CHANNEL, EventHub
+from app.service.lifespan import Service
+from app.service.schedule import RunnerLike
 from config.errors import ConfigError
 from config.settings import Settings
 from config.sources import SourceConfig
@@ -54,7 +54,7 @@ log = structlog.get_logger("kasparro.server")
 GRACEFUL_SHUTDOWN_SECONDS = 2.0
 """How long open HTTP connections may finish their request once a stop is asked.
 
-With the run's own bound (:data:`app.ingestion.DEFAULT_STOP_TIMEOUT`) a stop takes
+With the run's own bound (:data:`app.service.schedule.DEFAULT_STOP_TIMEOUT`) a stop takes
 under ten seconds."""
 
 

@@ -8,8 +8,8 @@ from litestar import Controller, MediaType, Response, get
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
-from app.dependencies import ServiceDep
-from app.schemas import Health, Root
+from app.api.dependencies import ServiceDep
+from app.api.schemas import Health, Root
 from observability.metrics import exposition
 from pipelines.drift import EventKind
 

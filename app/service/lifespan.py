@@ -21,9 +21,9 @@ from typing import Any
 import asyncpg
 import structlog
 
-from app.ingestion import DEFAULT_STOP_TIMEOUT, IngestionLoop, RunnerLike
-from app.page_cache import PageCache
-from app.subprocess_runner import SubprocessRunner
+from app.service.child_run import SubprocessRunner
+from app.service.page_cache import PageCache
+from app.service.schedule import DEFAULT_STOP_TIMEOUT, IngestionLoop, RunnerLike
 from config.settings import Settings
 from config.sources import SourceConfig
 from observability.metrics import Metrics
@@ -178,7 +178,7 @@ class Service:
             # A pool handed in (tests, embedding): runs stay in this process.
             return Runner(self.pool, self.settings, self.sources, self.metrics)
         # Runs go to a child process so that parsing never competes with requests
-        # for this interpreter (app/subprocess_runner.py).
+        # for this interpreter (app/service/child_run.py).
         settings = dataclasses.replace(self.settings, database_url=self._url)
         return SubprocessRunner(settings, self.pool, self.metrics)
 

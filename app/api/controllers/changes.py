@@ -8,9 +8,9 @@ import msgspec
 from litestar import Controller, get
 from litestar.params import QueryParameter
 
-from app.dependencies import ServiceDep
-from app.schemas import ChangeItem, ChangePage, error_responses
-from app.security import SECURITY_SCHEME, api_key_guard
+from app.api.dependencies import ServiceDep
+from app.api.schemas import ChangeItem, ChangePage, error_responses
+from app.api.security import SECURITY_SCHEME, api_key_guard
 from persistence import changes
 
 MAX_SEQ = 2**63 - 1

@@ -7,7 +7,7 @@ from typing import TypeAlias, cast
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 
-from app.service import Service
+from app.service.lifespan import Service
 
 ServiceDep: TypeAlias = NamedDependency[Service]
 """A handler parameter named ``service`` receives the app's :class:`Service`."""

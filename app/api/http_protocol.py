@@ -4,7 +4,7 @@ uvicorn's protocol buffers a request's head, however large, before the
 application sees it, and waits forever for a connection's first request: a few
 clients sending huge headers, or nothing at all, hold memory and sockets. This
 subclass bounds the head of each request while it is read, in bytes and in
-time. The exact header limits (``app.middleware``) are still checked once the
+time. The exact header limits (``app.api.middleware``) are still checked once the
 head is complete; the bound here only keeps a head from growing past them.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.middleware import MAX_HEADER_COUNT
+from app.api.middleware import MAX_HEADER_COUNT
 
 MAX_HEAD_BYTES = 32 * 1024
 """Request line and headers as received: the header limits of the middleware
@@ -32,7 +32,7 @@ _TOO_LARGE_BODY = b'{"status_code":431,"detail":"Request Header Fields Too Large
 
 class BoundedHttpProtocol(HttpToolsProtocol):
     """httptools protocol that refuses a head over :data:`MAX_HEAD_BYTES` or
-    :data:`~app.middleware.MAX_HEADER_COUNT` headers with 431 as soon as it
+    :data:`~app.api.middleware.MAX_HEADER_COUNT` headers with 431 as soon as it
     gets there, and closes a connection whose request head is not complete
     ``head_timeout`` seconds after its first byte (or after the connection
     opened, for the first request)."""

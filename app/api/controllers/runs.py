@@ -10,11 +10,11 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_202_ACCEPTED
 
-from app.compare import MEDIAN_WINDOW, compare_runs
-from app.controllers import on_demand
-from app.dependencies import ServiceDep
-from app.schemas import Comparison, RunList, RunStarted, error_responses
-from app.security import SECURITY_SCHEME, api_key_guard
+from app.api.compare import MEDIAN_WINDOW, compare_runs
+from app.api.controllers import on_demand
+from app.api.dependencies import ServiceDep
+from app.api.schemas import Comparison, RunList, RunStarted, error_responses
+from app.api.security import SECURITY_SCHEME, api_key_guard
 from persistence import reads, runs
 from persistence.runs import Run
 

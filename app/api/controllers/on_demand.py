@@ -1,7 +1,7 @@
 """Runs on demand (``POST /runs``) for external schedulers: Cloud Scheduler,
 EventBridge, cron with curl.
 
-The handler sits in :class:`app.controllers.runs.RunsController`, beside ``GET
+The handler sits in :class:`app.api.controllers.runs.RunsController`, beside ``GET
 /runs`` (Litestar routes one path from one controller); what it does is here.
 """
 
@@ -15,9 +15,9 @@ from litestar.exceptions import HTTPException, ServiceUnavailableException, Vali
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_409_CONFLICT
 
-from app.ingestion import RunInProgressError, StoppingError
-from app.schemas import ErrorBody, RunStarted, error_responses
-from app.service import Service
+from app.api.schemas import ErrorBody, RunStarted, error_responses
+from app.service.lifespan import Service
+from app.service.schedule import RunInProgressError, StoppingError
 
 TRIGGER = "api"
 """The ``trigger`` of a run started over HTTP."""
