@@ -1,7 +1,7 @@
 """Child processes: a clean environment, and wall, CPU and peak RSS of one child.
 
 CPU figures come from ``os.wait4`` on the child itself, so they belong to that
-process and the processes it started and reaped, and
+process and the processes it started and reaped (a loader's parse process), and
 to no other child of the bench (``RUSAGE_CHILDREN`` would fold every earlier
 child in). Peak RSS is the child's ``VmHWM`` plus that of each of its descendants,
 sampled while it runs: the kernel's ``ru_maxrss`` of a
@@ -198,8 +198,8 @@ def _descendants(pid: int) -> list[int]:
 def _wait4(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, os.struct_rusage, int]:
     """Reap the child; its status, resource usage and its peak memory.
 
-    The peak is the child's ``VmHWM`` plus that of each process it started: an
-    upper bound on what they held together, since
+    The peak is the child's ``VmHWM`` plus that of each process it started (a
+    loader's parse process): an upper bound on what they held together, since
     their peaks need not coincide. The child is sampled every 20 ms, its
     descendants every 100 ms (finding them costs more).
     """

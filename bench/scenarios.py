@@ -63,7 +63,7 @@ class Variant:
 
     Written ``LABEL:ITEM,ITEM...`` on the command line, each item a
     ``VARIABLE=VALUE`` setting or the folder of a checkout, e.g.
-    ``no-cache:DATA_CACHE_BYTES=0`` or
+    ``no-parse-process:ETL_PARSE_PROCESS_MIN_BYTES=1000000000000`` or
     ``before:/tmp/kasparro-before``.
     """
 

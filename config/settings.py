@@ -167,6 +167,11 @@ class Settings:
     """Controlled failure after this many records read in a run (never in production)."""
     etl_batch_size: int = _env("ETL_BATCH_SIZE", _integer(1), 10_000)
     """Records per batch (one transaction each)."""
+    etl_parse_process_min_bytes: int = _env(
+        "ETL_PARSE_PROCESS_MIN_BYTES", _integer(0), 8 * 1024 * 1024
+    )
+    """A file source with at least this much left to read is parsed in a process
+    of its own, in parallel with the writes; 0 = always."""
     etl_lease_seconds: float = _env("ETL_LEASE_SECONDS", _number(1), 30.0)
     """How long a run's claim on a source lasts unless renewed (every third of
     it): how soon the sources of a run whose process died are free again."""

@@ -3,7 +3,7 @@
 structlog is imported here, first, without ``rich``: structlog imports rich, when
 it is installed (Litestar depends on it), only to draw console tracebacks, and
 rich with what it pulls in is a large share of a short command's start-up (a
-no-op ``etl run``, the service's run child). The
+no-op ``etl run``, the service's run child, a parse process). The
 console renderer then prints plain tracebacks; rich itself stays importable for
 everything else. The packages that log import this one before structlog.
 """

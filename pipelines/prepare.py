@@ -1,6 +1,7 @@
 """A chunk made ready to write: drift checked, every record transformed.
 
-Pure CPU work on plain data, run in a worker thread; the result is the
+Pure CPU work on plain data, so it can run in a worker thread or in a parse
+process (:mod:`pipelines.parse_process`); the result pickles small: the
 columns the batch statement takes, not the records it came from.
 """
 

@@ -34,7 +34,7 @@ from persistence.types import Conn
 from pipelines.identity import Resolver, load_identity
 from pipelines.prepare import Prepared, prepare
 from pipelines.records import Chunk
-from pipelines.sources.files import read_csv, read_json
+from pipelines.sources.files import read_csv, read_json, unread_bytes
 
 if TYPE_CHECKING:
     from observability.metrics import Metrics
@@ -406,11 +406,24 @@ class Runner:
 
         return read_http(source, state.cursor, batch_size, session=http_session, stored=stored)
 
-    async def _prepared(
+    def _prepared(
         self, state: _SourceState, batch_size: int, http_session: Any
     ) -> AsyncGenerator[Prepared, None]:
-        """The source's chunks, each prepared in a worker thread while the writer
-        waits on the database."""
+        """The source's chunks, prepared: by a parse process for a large file."""
+        source = state.config
+        if (
+            source.kind in ("csv", "json")
+            and unread_bytes(source, state.cursor) >= self.settings.etl_parse_process_min_bytes
+        ):
+            # Imported here: multiprocessing is not worth a short run's start-up.
+            from pipelines.parse_process import prepared_in_process
+
+            return prepared_in_process(source, state.cursor, state.schema, batch_size)
+        return self._prepared_in_thread(state, batch_size, http_session)
+
+    async def _prepared_in_thread(
+        self, state: _SourceState, batch_size: int, http_session: Any
+    ) -> AsyncGenerator[Prepared, None]:
         schema = state.schema
         async with contextlib.aclosing(self._reader(state, batch_size, http_session)) as chunks:
             async for chunk in chunks:

@@ -144,7 +144,8 @@ class SubprocessRunner:
             stderr=asyncio.subprocess.PIPE,
             env=env,
             # A process group of its own: a Ctrl-C on the terminal reaches the
-            # service, which then stops the child gracefully.
+            # service, which then stops the child gracefully; a kill takes the
+            # child's parse process with it.
             start_new_session=True,
         )
         self._process = process

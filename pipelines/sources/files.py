@@ -1,7 +1,9 @@
 """File sources: CSV and JSON (array or JSON Lines), read incrementally.
 
 Parsing is synchronous CPU work: each chunk is produced in a worker thread
-(``asyncio.to_thread``) while the database writes the previous chunk.
+(``asyncio.to_thread``) while the database writes the previous chunk, or, for a
+large file, in a parse process of its own (:mod:`pipelines.parse_process`,
+through :func:`file_chunks`), where it truly runs in parallel.
 
 Cursor of an offset-based file (CSV, JSON Lines)::
 
@@ -325,6 +327,26 @@ async def _drive(chunks: Iterator[Chunk], label: str) -> AsyncGenerator[Chunk, N
         if chunk is sentinel:
             return
         yield chunk
+
+
+def file_chunks(
+    source: SourceConfig, cursor: Mapping[str, Any] | None, batch_size: int
+) -> Iterator[Chunk]:
+    """The chunks of a file source, synchronously (for a parse process)."""
+    path = _check_file(source)
+    if source.kind == "csv":
+        return _csv_chunks(path, cursor, batch_size)
+    return _json_chunks(path, cursor, batch_size)
+
+
+def unread_bytes(source: SourceConfig, cursor: Mapping[str, Any] | None) -> int:
+    """About how much of the file a run would read from ``cursor`` (0 when absent)."""
+    try:
+        size = source.path.stat().st_size
+    except OSError:
+        return 0
+    offset = (cursor or {}).get("offset")
+    return size - offset if isinstance(offset, int) and 0 <= offset <= size else size
 
 
 def _check_file(source: SourceConfig) -> Path:

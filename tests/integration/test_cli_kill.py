@@ -1,4 +1,4 @@
-"""SIGKILL in the middle of a large CSV, then run again: nothing lost, nothing stored twice."""
+"""SIGKILL in the middle of a large CSV, then run again (acceptance 6 of issue 2)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,29 @@ def write_large_csv(path: Path) -> None:
     path.write_text("".join(lines), encoding="utf-8")
 
 
+def _stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/PID/stat`` after the command name; ``None`` once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Live child processes of ``pid`` and their command lines (Linux ``/proc``)."""
+    found = {}
+    for folder in Path("/proc").glob("[0-9]*"):
+        fields = _stat(int(folder.name))
+        if fields is not None and int(fields[1]) == pid:
+            try:
+                found[int(folder.name)] = (folder / "cmdline").read_text().replace("\0", " ")
+            except OSError:
+                continue
+    return found
+
+
 @pytest.mark.timeout(240)
 async def test_killed_run_is_closed_as_interrupted_and_the_rerun_stores_each_record_once(
     database_url: str, pool: asyncpg.Pool[Any], tmp_path: Path
@@ -59,11 +82,20 @@ async def test_killed_run_is_closed_as_interrupted_and_the_rerun_stores_each_rec
                 return await count(pool, "raw_csv_data") > 0
 
             await wait_for(committed_some, within=60, interval=0.005)
+            children = _children(victim.pid)
         finally:
             if victim.returncode is None:
                 victim.kill()
             await asyncio.wait_for(victim.wait(), 30)
     assert victim.returncode == -9
+    # The file is large enough for a parse process (beside multiprocessing's
+    # resource tracker); neither outlives the run.
+    assert sum("spawn_main" in command for command in children.values()) == 1
+
+    async def children_gone() -> bool:
+        return all(await asyncio.to_thread(lambda: [_stat(pid) is None for pid in children]))
+
+    await wait_for(children_gone, within=15)
 
     # A batch statement already sent when the client died still runs to its end
     # and commits, whole: wait for it before counting.

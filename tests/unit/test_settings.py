@@ -31,6 +31,7 @@ def test_defaults(sources_file: Path) -> None:
     assert settings.etl_on_startup is True
     assert settings.etl_fail_after_records is None
     assert settings.etl_batch_size == 10_000
+    assert settings.etl_parse_process_min_bytes == 8 * 1024 * 1024
     assert settings.data_cache_bytes == 16 * 1024 * 1024
     assert settings.etl_lease_seconds == 30.0
     assert (settings.database_pool_size, settings.database_run_pool_size) == (10, 3)
@@ -52,6 +53,8 @@ def test_defaults(sources_file: Path) -> None:
         ("ETL_INTERVAL_SECONDS", "nan"),
         ("ETL_FAIL_AFTER_RECORDS", "-3"),
         ("ETL_BATCH_SIZE", "0"),
+        ("ETL_PARSE_PROCESS_MIN_BYTES", "-1"),
+        ("ETL_PARSE_PROCESS_MIN_BYTES", "8MB"),
         ("DATA_CACHE_BYTES", "-1"),
         ("DATA_CACHE_BYTES", "16MiB"),
         ("ETL_LEASE_SECONDS", "0.5"),
