@@ -70,8 +70,13 @@ def _member(row: Any) -> Member:
 
 OTHER_SOURCES_LINKS = """
 SELECT l.source, l.source_key, l.name, l.names_seen, l.symbol, u.value, u.observed_at
-FROM unified_links l LEFT JOIN unified_data u ON u.name = l.name
-WHERE l.source < $1 OR l.source > $1  -- index ranges: "<>" would scan this source too
+FROM (
+    -- Two ranges of the primary key: "<>" would read this source's links too.
+    SELECT * FROM unified_links WHERE source < $1
+    UNION ALL
+    SELECT * FROM unified_links WHERE source > $1
+) AS l
+LEFT JOIN unified_data u ON u.name = l.name
 ORDER BY l.name, l.source, l.source_key
 """
 
@@ -84,10 +89,14 @@ async def other_sources_links(conn: Queryable, source: str) -> list[Member]:
 
 async def other_sources_linked(conn: Queryable, source: str) -> bool:
     """Whether a source other than ``source`` has links."""
-    # Two ranges of the primary key: "<>" would scan this source's links too.
+    # The nearest source on either side, each one probe of the primary key: an
+    # EXISTS that the planner answers with a scan reads every link of ``source``
+    # when no other source has any, and runs for every batch of new keys.
     found: bool = await conn.fetchval(
-        "SELECT EXISTS (SELECT FROM unified_links WHERE source < $1) "
-        "OR EXISTS (SELECT FROM unified_links WHERE source > $1)",
+        "SELECT EXISTS (SELECT FROM (SELECT source FROM unified_links WHERE source < $1 "
+        "ORDER BY source DESC LIMIT 1) AS below) "
+        "OR EXISTS (SELECT FROM (SELECT source FROM unified_links WHERE source > $1 "
+        "ORDER BY source LIMIT 1) AS above)",
         source,
     )
     return found

@@ -570,7 +570,9 @@ class Resolver:
         is_id = self.id_sources.get(source, False)
         if all(k.key == k.name for k in keys) and await self.plain(conn, source):
             return [NewLink(k.key, k.key, "new", 1.0) for k in keys]
-        others = await links.other_sources_links(conn, source)
+        others = []
+        if await links.other_sources_linked(conn, source):
+            others = await links.other_sources_links(conn, source)
         if not others and not self.rules.groups:
             # Nothing to compare with: every key starts a row of its own.
             return await self._name_new_rows(conn, source, [(k, None) for k in keys], is_id=is_id)
