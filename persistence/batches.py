@@ -487,20 +487,6 @@ def _raw_unique_constraint(table: str) -> str:
     return f"uq_{table}_source_content_hash"
 
 
-#: Planner settings of the batch statement, for its transaction only (no session
-#: state: behind a transaction pooler the session is not ours).
-#: - The statement joins arrays whose size only the actual parameters tell; a
-#:   cached generic plan guesses a few rows and picks nested loops that grow with
-#:   the square of the batch.
-#: - Its sorts and joins stay in memory (the default 4 MB spills to disk).
-#: - It joins a batch's rows with the raw ids they were stored under, on 16-byte
-#:   hashes: hashing both sides beats sorting both.
-BATCH_SETTINGS = (
-    "SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL work_mem = '64MB'; "
-    "SET LOCAL enable_mergejoin = off"
-)
-
-
 @dataclass(frozen=True, slots=True)
 class Decided:
     """The links of a batch's new keys."""
@@ -523,7 +509,6 @@ async def _write_batch_tuned(
     **kwargs: Any,
 ) -> tuple[Written, Decided]:
     async with conn.transaction():
-        await conn.execute(BATCH_SETTINGS)
         decided = Decided()
         if decide is not None:
             # New keys: decided under the identity lock, against every link
