@@ -221,23 +221,27 @@ class Service:
                 pool.terminate()
         self._owned.clear()
 
-    async def check_database(self) -> DatabaseCheck:
-        """One bounded round trip on the primary pool.
+    @contextlib.asynccontextmanager
+    async def _bounded_connection(self, seconds: float) -> AsyncIterator[Any]:
+        """A primary-pool connection for at most ``seconds``, waiting included. One
+        that fails or is cut mid-query is terminated rather than put back, so the
+        pool opens a fresh one once the database is reachable again."""
+        async with asyncio.timeout(seconds):
+            conn = await self.pool.acquire()
+            try:
+                yield conn
+            except BaseException:
+                conn.terminate()
+                raise
+            finally:
+                await self.pool.release(conn)
 
-        A connection that fails or is cut mid-query is terminated rather than put
-        back, so the pool opens a fresh one once the database is reachable again.
-        """
+    async def check_database(self) -> DatabaseCheck:
+        """One bounded round trip on the primary pool."""
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS):
-                conn = await self.pool.acquire()
-                try:
-                    status = await reads.ping(conn)
-                except BaseException:
-                    conn.terminate()
-                    raise
-                finally:
-                    await self.pool.release(conn)
+            async with self._bounded_connection(HEALTH_TIMEOUT_SECONDS) as conn:
+                status = await reads.ping(conn)
         except Exception as exc:
             log.warning("db_check_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             return DatabaseCheck(ok=False, last_status=None, latency_ms=None)
@@ -249,15 +253,8 @@ class Service:
         not answer within :data:`METRICS_TIMEOUT_SECONDS` (a scrape then still
         serves this process's own metrics)."""
         try:
-            async with asyncio.timeout(METRICS_TIMEOUT_SECONDS):
-                conn = await self.pool.acquire()
-                try:
-                    return await metric_totals.read_totals(conn)
-                except BaseException:
-                    conn.terminate()
-                    raise
-                finally:
-                    await self.pool.release(conn)
+            async with self._bounded_connection(METRICS_TIMEOUT_SECONDS) as conn:
+                return await metric_totals.read_totals(conn)
         except Exception as exc:
             log.warning("metrics_db_read_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             return None
