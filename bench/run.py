@@ -29,7 +29,7 @@ from bench import load
 from bench.db import DatabaseServer
 from bench.inputs import FULL, QUICK, make_tickers, prepare
 from bench.load import tool_name
-from bench.proc import REPO_ROOT
+from bench.proc import REPO_ROOT, compile_code
 from bench.report import Results, code_version, machine, table
 from bench.scenarios import DEFAULT, NEEDS, SCENARIOS, BenchError, Context, Variant
 from bench.upstream import PagedUpstream
@@ -145,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"load generator: {results.meta['load_generator']}")
     for variant in args.variant:
         _log(f"variant {variant.label}: code {variant.root}, settings {dict(variant.env)}")
+    baseline = os.environ.get("BENCH_BASELINE", "").strip()
+    compile_code(REPO_ROOT)
+    for variant in args.variant:
+        compile_code(variant.root, variant.python)
+    if baseline:
+        compile_code(Path(baseline))
 
     started = time.perf_counter()
     needed: set[str] = set().union(*(NEEDS[name] for name in selected))

@@ -21,6 +21,7 @@ from pipelines.identity import load_identity
 from pipelines.reprocess import reprocess
 from tests.fakes.upstream import FakeUpstream
 from tests.helpers import (
+    append_csv,
     cli_env,
     make_settings,
     run_cli,
@@ -187,6 +188,38 @@ async def test_a_csv_without_ids_joins_the_row_of_its_canonical_name(
         "bitcoin": {"json:bitcoin", "csv:bitcoin"},
     }
     assert await rows(pool) == {"bnb": 650.0, "bitcoin": 97000.0}
+
+
+async def test_a_csv_key_linked_to_a_row_named_otherwise_keeps_writing_that_row(
+    pool: asyncpg.Pool[Any], tmp_path: Path, fake: FakeUpstream
+) -> None:
+    # The CSV's "Binance Coin" is linked to the row "bnb"; its later records,
+    # in the next batch of the same run and in the next run, update that row
+    # and never found one named "binance coin".
+    write_json_array(tmp_path / "coins.json", [coin("binancecoin", "BNB", "bnb", 656.0)])
+    fake.records = [ticker("bnb-binance-coin", "Binance Coin", "BNB", 655.0)]
+    csv = tmp_path / "prices.csv"
+    write_csv(
+        csv,
+        [
+            ("Binance Coin", "650", "2026-03-02T00:00:00Z"),
+            ("Binance Coin", "651", "2026-03-03T00:00:00Z"),
+        ],
+    )
+    settings = make_settings(sources(tmp_path, fake.url, csv=True), ETL_BATCH_SIZE=1)
+    await run_etl(pool, settings, ["json"])
+    await run_etl(pool, settings, ["api"])
+    await run_etl(pool, settings, ["csv"])
+    assert await rows(pool) == {"bnb": 651.0}
+
+    append_csv(csv, [("Binance Coin", "652", "2026-03-04T00:00:00Z")])
+    run = await run_etl(pool, settings, ["csv"])
+
+    assert run["status"] == "success"
+    assert await rows(pool) == {"bnb": 652.0}
+    assert await members(pool) == {
+        "bnb": {"json:binancecoin", "api:bnb-binance-coin", "csv:binance coin"}
+    }
 
 
 async def test_a_second_identical_run_moves_no_link(
