@@ -146,9 +146,9 @@ class BatchColumns:
     document: str | None = None
     """The batch already encoded (:func:`encode_rows`) by the parser; the other
     lists but ``content_hash`` are then left empty (they would only travel)."""
-    keys: BatchKeys | None = None
-    """Each valid key of the batch once, with its latest record; computed from
-    the lists when ``None``."""
+    keys: list[BatchKey] | None = None
+    """Each valid key of the batch once, in the order keys first appear, with its
+    latest record (see :func:`batch_keys`); computed from the lists when ``None``."""
 
 
 #: A key of a batch and its latest record: key, canonical name, symbol, value,
@@ -174,37 +174,6 @@ def _newer(a: BatchKey, b: BatchKey) -> bool:
     if a[4] is None or b[4] is None:
         return a[4] is None
     return a[4] >= b[4]
-
-
-_latest_decoder = msgspec.msgpack.Decoder(list[BatchKey])
-
-
-@dataclass(frozen=True, slots=True)
-class BatchKeys:
-    """Each valid key of a batch once, in first-appearance order, and each key's
-    latest record (:func:`batch_keys`).
-
-    The records travel encoded: the writer decodes them only when it needs more
-    than the keys, that is when a key is not its canonical name or has a ticker,
-    or when identity compares new keys with other sources. A source keyed by
-    canonical names is then a list of strings per batch.
-    """
-
-    keys: list[str]
-    named: bool
-    """Every key is its record's canonical name, without a ticker."""
-    encoded: bytes
-
-    @classmethod
-    def of(cls, latest: Sequence[BatchKey]) -> BatchKeys:
-        return cls(
-            keys=[k[0] for k in latest],
-            named=all(k[0] == k[1] and k[2] is None for k in latest),
-            encoded=msgspec.msgpack.encode(latest),
-        )
-
-    def latest(self) -> list[BatchKey]:
-        return _latest_decoder.decode(self.encoded)
 
 
 @functools.cache
@@ -504,24 +473,9 @@ class SourceLinks:
     """
 
     known: dict[str, KnownKey] = field(default_factory=dict)
-    noted: set[str] = field(default_factory=set)
-    """The keys of ``known`` whose entry is not ``None``."""
     any_stored: bool | None = None
     """Whether the source had links when the run met it (``None``: not asked
     yet). Without any, a key not in ``known`` is new: no look-up."""
-
-    def remember(self, key: str, entity: str, names: tuple[str, ...], symbol: str | None) -> None:
-        entry = _known(key, entity, names, symbol)
-        self.known[key] = entry
-        if entry is None:
-            self.noted.discard(key)
-        else:
-            self.noted.add(key)
-
-    def forget(self) -> None:
-        self.known.clear()
-        self.noted.clear()
-        self.any_stored = None
 
 
 KNOWN_KEYS_MAX = 200_000
@@ -618,60 +572,45 @@ async def write_batch_adaptive(
     """
     cache = mode.links
     if len(cache.known) > KNOWN_KEYS_MAX:
-        cache.forget()
+        cache.known.clear()
+        cache.any_stored = None
     known = cache.known
-    batch = cols.keys if cols.keys is not None else BatchKeys.of(_keys_of(cols))
+    keys = cols.keys if cols.keys is not None else _keys_of(cols)
     if cache.any_stored is None:
         cache.any_stored = await links.any_links(conn, source)
-    unseen = [k for k in batch.keys if k not in known] if cache.any_stored else []
+    unseen = [k[0] for k in keys if k[0] not in known] if cache.any_stored else []
     if unseen:
         stored = await links.linked_keys(conn, source, unseen)
         for stored_key, (stored_row, stored_names, stored_ticker) in stored.items():
-            cache.remember(stored_key, stored_row, tuple(stored_names), stored_ticker)
+            known[stored_key] = _known(stored_key, stored_row, tuple(stored_names), stored_ticker)
+    new: list[BatchKey] = []
     rows: dict[str, str] = {}
     seen: list[tuple[str, str, str | None]] = []
-    latest: dict[str, BatchKey] | None = None
-    if batch.named:
-        # Keys that are their names without tickers: only the keys whose link
-        # says more than that need a look (see KnownKey).
-        new = [k for k in batch.keys if k not in known]
-        for key in cache.noted.intersection(batch.keys):
-            entry = known[key]
-            if entry is None:
-                continue
-            entity, names, _ = entry
-            if entity != key:
-                rows[key] = entity
-            if key not in names:
-                seen.append((key, key, None))
-    else:
-        latest = {k[0]: k for k in batch.latest()}
-        new = []
-        for key, name, symbol, _, _ in latest.values():
-            if key not in known:
-                new.append(key)
-                continue
-            entry = known[key]
-            if entry is None:
-                if name != key or symbol is not None:
-                    seen.append((key, name, symbol))
-                continue
-            entity, names, stored_symbol = entry
-            if entity != key:
-                rows[key] = entity
-            if name not in names or (symbol is not None and symbol != stored_symbol):
+    for batch_key in keys:
+        key, name, symbol = batch_key[0], batch_key[1], batch_key[2]
+        if key not in known:
+            new.append(batch_key)
+            continue
+        entry = known[key]
+        if entry is None:
+            if name != key or symbol is not None:
                 seen.append((key, name, symbol))
+            continue
+        entity, names, stored_symbol = entry
+        if entity != key:
+            rows[key] = entity
+        if name not in names or (symbol is not None and symbol != stored_symbol):
+            seen.append((key, name, symbol))
+    # The common first load: keys that are canonical names without tickers.
+    named = all(k[0] == k[1] and k[2] is None for k in new)
 
     async def decide(tx: Conn) -> Decided:
-        nonlocal latest
-        if batch.named and await resolver.plain(tx, source):
-            return Decided(own_rows=new)
-        if latest is None:
-            latest = {k[0]: k for k in batch.latest()}
-        pending = []
-        for key in new:
-            _, name, symbol, value, observed_at = latest[key]
-            pending.append(NewKey(key, name, symbol, value, observed_at or ingested_at))
+        if named and await resolver.plain(tx, source):
+            return Decided(own_rows=[k[0] for k in new])
+        pending = [
+            NewKey(key, name, symbol, value, observed_at or ingested_at)
+            for key, name, symbol, value, observed_at in new
+        ]
         return Decided(links=list(zip(await resolver(tx, source, pending), pending, strict=True)))
 
     written, decided = await _write_raw_adaptive(
@@ -686,14 +625,13 @@ async def write_batch_adaptive(
         seen=seen,
         **kwargs,
     )
-    # A key linked to the row of its name, seen under it only, without a ticker.
     known.update(dict.fromkeys(decided.own_rows))
     for link, decided_key in decided.links:
-        cache.remember(link.key, link.entity, (decided_key.name,), decided_key.symbol)
+        known[link.key] = _known(link.key, link.entity, (decided_key.name,), decided_key.symbol)
     for seen_key, seen_name, seen_symbol in seen:
         was = known[seen_key]
         row_name, seen_names, was_symbol = was if was is not None else (seen_key, (seen_key,), None)
-        cache.remember(
+        known[seen_key] = _known(
             seen_key,
             row_name,
             seen_names if seen_name in seen_names else (*seen_names, seen_name),

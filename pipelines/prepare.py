@@ -14,14 +14,7 @@ from typing import Any
 import msgspec
 
 from config.sources import FieldMapping, SourceConfig
-from persistence.batches import (
-    BatchColumns,
-    BatchKey,
-    BatchKeys,
-    BatchRow,
-    batch_keys,
-    encode_rows,
-)
+from persistence.batches import BatchColumns, BatchKey, BatchRow, batch_keys, encode_rows
 from pipelines.drift import DriftOutcome, detect_drift
 from pipelines.records import Chunk, RawRecord
 from pipelines.transform import (
@@ -110,11 +103,9 @@ def prepare(source: SourceConfig, chunk: Chunk, schema: dict[str, str] | None) -
             )
             keyed.append((key, result.name, symbol, result.value, result.observed_at))
         rows.append(row)
-    # Encoded here, off the writer's critical path; only the hashes, this
-    # document and the keys travel to the writer.
-    cols = BatchColumns(
-        content_hash=hashes, document=encode_rows(rows), keys=BatchKeys.of(batch_keys(keyed))
-    )
+    # Encoded here, off the writer's critical path; only the hashes and this
+    # document travel to the writer.
+    cols = BatchColumns(content_hash=hashes, document=encode_rows(rows), keys=batch_keys(keyed))
     return Prepared(len(chunk.records), chunk.cursor, chunk.final, outcome, cols)
 
 
