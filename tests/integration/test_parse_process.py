@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from persistence.database import create_pool, with_database
+from tests.conftest import _admin
 from tests.helpers import (
     append_csv,
     checkpoint,
@@ -89,14 +90,6 @@ async def _outcome(pool: asyncpg.Pool[Any], run: dict[str, Any]) -> dict[str, An
         "rejections": [tuple(r) for r in rejections],
         "checkpoints": {name: await checkpoint(pool, name) for name in run["sources"]},
     }
-
-
-async def _admin(url: str, statement: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 async def test_a_parse_process_gives_exactly_what_the_worker_thread_gives(

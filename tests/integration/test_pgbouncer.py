@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from persistence.database import alembic_upgrade, head_revision, with_database
+from tests.conftest import _admin
 from tests.helpers import (
     REPO_ROOT,
     cli_env,
@@ -37,14 +38,6 @@ from tests.helpers import (
 from tests.pgbouncer import PgBouncer
 
 KEY = "pgbouncer-test-key"
-
-
-async def _admin(url: str, statement: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
