@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import msgspec
-from rapidfuzz import fuzz
 
 from config.errors import ConfigError
 from config.settings import Settings
@@ -222,10 +221,19 @@ def compare(
         and values == "agree"
         and _says_something(new.core)
         and _says_something(old.core)
-        and fuzz.token_set_ratio(" ".join(new.core_words), " ".join(old.core_words)) >= 70
+        and _similarity(new.core_words, old.core_words) >= 70
     ):
         return Evidence(0.75, "value")
     return None
+
+
+def _similarity(a: Iterable[str], b: Iterable[str]) -> float:
+    """Token-set similarity of two word lists, 0 to 100."""
+    # Imported on first use: most runs never compare names this way, and the
+    # import is a tenth of a short run's start-up.
+    from rapidfuzz import fuzz
+
+    return float(fuzz.token_set_ratio(" ".join(a), " ".join(b)))
 
 
 def _slug_relation(a: Traits, b: Traits) -> str | None:

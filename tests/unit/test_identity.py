@@ -63,6 +63,17 @@ def test_the_same_asset_spelled_differently_is_linked(
     assert found.score >= 0.75
 
 
+def test_similar_names_with_one_ticker_link_only_when_their_values_agree() -> None:
+    hedera, hashgraph = key("x1", "Hedera", "hbar"), key("y2", "Hedera Hashgraph", "hbar")
+    found = compare(hedera, hashgraph, "agree")
+    assert found is not None
+    assert found is not VETO
+    assert (found.rule, found.score) == ("value", 0.75)
+    assert compare(hedera, hashgraph, "unknown") is None
+    # The same ticker and agreeing values, and names that have little in common.
+    assert compare(key("x1", "Hedera", "hbar"), key("y2", "Helium Mobile", "hbar"), "agree") is None
+
+
 @pytest.mark.parametrize(
     ("new", "old"),
     [
