@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from litestar.testing import AsyncTestClient
 from app.api.server import create_app
 from config.settings import Settings
 from config.sources import load_sources
+from persistence import changes
 from pipelines.reprocess import reprocess
 from tests.helpers import (
     append_csv,
@@ -152,6 +154,21 @@ async def test_a_row_changed_twice_between_two_polls_shows_once_with_its_latest_
     assert [(i["name"], i["value"]) for i in changed] == [("coin 3", 1 / 3)]
 
 
+async def test_a_renamed_row_shows_as_its_new_name_and_a_tombstone_of_the_old(
+    client: Client, pool: asyncpg.Pool[Any], settings: Settings
+) -> None:
+    await run_etl(pool, settings)
+    consumer = Consumer(client)
+    await consumer.poll()
+    await pool.execute("UPDATE unified_data SET name = 'coin three' WHERE name = 'coin 3'")
+    changed = await consumer.poll()
+    assert sorted((i["name"], i["deleted"]) for i in changed) == [
+        ("coin 3", True),
+        ("coin three", False),
+    ]
+    assert consumer.rows == await table(pool)
+
+
 async def _blocked_or_done(pool: asyncpg.Pool[Any], pid: int, task: asyncio.Task[Any]) -> bool:
     if task.done():
         return True
@@ -249,3 +266,32 @@ async def test_changes_needs_the_key_and_refuses_bad_parameters(client: Client) 
         assert response.json()["detail"].startswith("Invalid parameter")
     empty = await client.get("/changes", params={"after": 5}, headers=AUTH)
     assert empty.json() == {"data": [], "next_after": 5}
+
+
+async def test_a_page_of_changes_reads_its_rows_by_index_not_the_whole_table(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    await pool.execute(
+        "INSERT INTO unified_data (name, value, source, observed_at, ingested_at, priority,"
+        " raw_id, run_id) SELECT 'coin ' || n, n, 'csv', now(), now(), 0, n, gen_random_uuid()"
+        " FROM generate_series(1, 20000) AS n"
+    )
+    await pool.execute("UPDATE unified_data SET value = value + 1 WHERE value <= 10000")
+    await pool.execute("ANALYZE unified_data")
+    after = await pool.fetchval("SELECT min(seq) + 5000 FROM unified_data")
+    async with pool.acquire() as conn, conn.transaction():
+        plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {changes.CHANGES_PAGE}", after, 100)
+    scanned = [
+        node["Relation Name"]
+        for node in _plan_nodes(json.loads(plan)[0]["Plan"])
+        if node["Node Type"] == "Seq Scan"
+    ]
+    assert "unified_data" not in scanned
+    page = await changes.changes_page(pool, after=after, limit=100)
+    assert page.count == 100
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)
