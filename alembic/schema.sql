@@ -681,5 +681,13 @@ CREATE TRIGGER etl_run_sources_closed BEFORE UPDATE ON etl_run_sources FOR EACH 
 
 UPDATE alembic_version SET version_num='0008' WHERE alembic_version.version_num = '0007';
 
+-- Running upgrade 0008 -> 0009
+
+DROP INDEX ix_unified_links_names_seen;
+
+CREATE INDEX ix_unified_links_names_seen ON unified_links USING gin (names_seen) WHERE names_seen <> ARRAY[name COLLATE "default"];
+
+UPDATE alembic_version SET version_num='0009' WHERE alembic_version.version_num = '0008';
+
 COMMIT;
 

@@ -146,7 +146,13 @@ class UnifiedLink(Base):
     __table_args__ = (
         UniqueConstraint("name", "source"),
         CheckConstraint("confidence >= 0 AND confidence <= 1", name="confidence"),
-        Index(None, "names_seen", postgresql_using="gin"),
+        # Only links seen under a name other than their row's (migration 0009).
+        Index(
+            None,
+            "names_seen",
+            postgresql_using="gin",
+            postgresql_where=text('names_seen <> ARRAY[name COLLATE "default"]'),
+        ),
     )
 
 

@@ -118,10 +118,13 @@ def _data_statement(*, source: bool, name: bool, after: bool) -> str:
     if name:
         args.append("name")
         # The row of that name, and every row one of whose keys was seen under
-        # it (unified_links.names_seen, GIN-indexed): a few primary-key lookups.
+        # it: a few primary-key lookups. The GIN index on unified_links.names_seen
+        # holds only links seen under a name besides their row's (migration
+        # 0009); the first branch finds the others.
         filters.append(
             f"name IN (SELECT ${len(args)}::text UNION SELECT l.name FROM unified_links l "
-            f"WHERE l.names_seen @> ARRAY[${len(args)}::text])"
+            f"WHERE l.names_seen @> ARRAY[${len(args)}::text]"
+            ' AND l.names_seen <> ARRAY[l.name COLLATE "default"])'
         )
     if name:
         total = f"SELECT count(*) AS total FROM unified_data WHERE {' AND '.join(filters)}"
