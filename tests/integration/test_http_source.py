@@ -269,6 +269,23 @@ async def test_pagination_keeps_the_query_and_stops_on_an_empty_page(
     assert chunks[-1].meta["pages"] == 3
 
 
+async def test_a_failing_page_hands_on_the_pages_before_it() -> None:
+    # Page 3 fails for good: what pages 1 and 2 brought is yielded before the error,
+    # so the runner commits it (a source failing after some batches keeps them).
+    tickers = make_tickers(20)
+    async with FakeUpstream(tickers) as upstream:
+        upstream.enqueue(Fault.ok(), Fault.ok(), *[Fault.http(503)] * 3)
+        received: list[Chunk] = []
+        source = make_source(upstream.url, page_size=4, max_retries=2)
+        with pytest.raises(SourceError, match="gave up after 3 attempts"):
+            async with aclosing(read_http(source, None, 1000)) as stream:
+                async for chunk in stream:
+                    received.append(chunk)
+
+    assert payloads(received) == tickers[:8]
+    assert not any(chunk.final for chunk in received)
+
+
 async def test_an_upstream_ignoring_pagination_is_read_once() -> None:
     async with FakeUpstream(TICKERS, paginate=False) as upstream:
         chunks = await read_all(make_source(upstream.url, page_size=4))
