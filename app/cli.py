@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from config.errors import ConfigError
+from config.runtime import collect_rarely
 from config.settings import Settings, load_settings
 from config.sources import select_sources
 from observability.logging import StatusLine, configure_logging, status_line
@@ -264,6 +265,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         _migrate(settings, url)
         print("database is at the latest migration")
         return EXIT_OK
+    collect_rarely()  # the commands below load records
     if args.etl_command == "run":
         return asyncio.run(_etl_run(args, settings))
     if args.etl_command == "reset":

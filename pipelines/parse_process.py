@@ -24,6 +24,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from config.errors import SourceError
+from config.runtime import collect_rarely
 from config.sources import SourceConfig
 from pipelines.prepare import Prepared, prepare
 from pipelines.sources.files import file_chunks, read_error
@@ -66,6 +67,7 @@ def _parse(
     parent: int,
 ) -> None:
     """The parse process: chunks of the file, prepared, in order, then ``end``."""
+    collect_rarely()
     try:
         for chunk in file_chunks(source, cursor, batch_size):
             prepared = prepare(source, chunk, schema)
