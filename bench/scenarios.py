@@ -1858,7 +1858,9 @@ def identity(ctx: Context) -> None:
             for turn in range(ctx.sizes.rounds):
                 for who, code, runs in (("identity", None, mine), ("before", baseline, before)):
                     extra = {
-                        "SOURCES_FILE": str(ctx.workdir / f"identity-sources-{code is None}.toml")
+                        "SOURCES_FILE": str(ctx.workdir / f"identity-sources-{code is None}.toml"),
+                        # The captures' upstream, not the paged one of ingest_http.
+                        "API_SOURCE_URL": upstream.url,
                     }
                     if code is not None:
                         extra["PYTHONPATH"] = code
