@@ -276,11 +276,15 @@ async def test_a_failing_page_hands_on_the_pages_before_it() -> None:
     async with FakeUpstream(tickers) as upstream:
         upstream.enqueue(Fault.ok(), Fault.ok(), *[Fault.http(503)] * 3)
         received: list[Chunk] = []
-        source = make_source(upstream.url, page_size=4, max_retries=2)
-        with pytest.raises(SourceError, match="gave up after 3 attempts"):
+
+        async def read() -> None:
+            source = make_source(upstream.url, page_size=4, max_retries=2)
             async with aclosing(read_http(source, None, 1000)) as stream:
                 async for chunk in stream:
                     received.append(chunk)
+
+        with pytest.raises(SourceError, match="gave up after 3 attempts"):
+            await read()
 
     assert payloads(received) == tickers[:8]
     assert not any(chunk.final for chunk in received)
