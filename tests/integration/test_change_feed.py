@@ -280,7 +280,7 @@ async def test_a_page_of_changes_reads_its_rows_by_index_not_the_whole_table(
     await pool.execute("ANALYZE unified_data")
     after = await pool.fetchval("SELECT min(seq) + 5000 FROM unified_data")
     async with pool.acquire() as conn, conn.transaction():
-        plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {changes.CHANGES_PAGE}", after, 100)
+        plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {changes.changes_page_sql(100)}", after)
     scanned = [
         node["Relation Name"]
         for node in _plan_nodes(json.loads(plan)[0]["Plan"])
@@ -289,6 +289,35 @@ async def test_a_page_of_changes_reads_its_rows_by_index_not_the_whole_table(
     assert "unified_data" not in scanned
     page = await changes.changes_page(pool, after=after, limit=100)
     assert page.count == 100
+
+
+async def test_a_page_of_changes_is_planned_once_not_at_every_request(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    # A consumer asks every second: the server must reuse the statement's plan
+    # instead of planning each page again (with a bound LIMIT it planned every
+    # page once the table held about 100k rows).
+    await pool.execute(
+        "INSERT INTO unified_data (name, value, source, observed_at, ingested_at, priority,"
+        " raw_id, run_id) SELECT 'coin ' || n, n, 'csv', now(), now(), 0, n, gen_random_uuid()"
+        " FROM generate_series(1, 100000) AS n"
+    )
+    await pool.execute("ANALYZE unified_data")
+    first = await pool.fetchval("SELECT min(seq) FROM unified_data")
+    async with pool.acquire() as conn:
+        await conn.execute(f"PREPARE feed_page(bigint) AS {changes.changes_page_sql(100)}")
+        try:
+            for n in range(12):
+                async with conn.transaction():
+                    await conn.fetch(f"EXECUTE feed_page({first + 100 * n})")
+            plans = await conn.fetchrow(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE name = 'feed_page'"
+            )
+        finally:
+            await conn.execute("DEALLOCATE feed_page")
+    assert plans is not None
+    assert plans["generic_plans"] >= 6, dict(plans)
 
 
 def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:

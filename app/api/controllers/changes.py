@@ -34,7 +34,9 @@ class ChangesController(Controller):
             int,
             QueryParameter(ge=0, le=MAX_SEQ, description="The last seq seen; 0 for the start."),
         ] = 0,
-        limit: Annotated[int, QueryParameter(ge=1, le=1000, description="Page size.")] = 100,
+        limit: Annotated[
+            int, QueryParameter(ge=1, le=changes.MAX_LIMIT, description="Page size.")
+        ] = 100,
     ) -> ChangePage:
         """Rows changed after ``after``, each once with its latest state, and tombstones
         (``deleted``) for rows that left the table. Store ``next_after`` and pass it as
