@@ -3,7 +3,7 @@
 A load allocates and frees millions of records, and nearly all of them are
 freed by reference counting, never in cycles. With the default thresholds the
 collector ran thousands of times during a 1M-row CSV load, each pass walking
-the objects of every batch in flight and every module imported: about a fifth
+the objects of every batch in flight and every module imported: about a quarter
 of the CPU of the loader and its parse process (docs/performance.md).
 """
 
