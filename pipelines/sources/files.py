@@ -12,6 +12,10 @@ Cursor of an offset-based file (CSV, JSON Lines)::
 A file that shrank below the offset, or whose head changed, is read again from
 the start; raw idempotency collapses what was already stored.
 
+A last line without its newline may be one a writer is still appending: it is
+read only once the file has been still for ``SETTLE_SECONDS``, else it waits
+for a later run (the cursor stops before it).
+
 A JSON array (``{"mode": "array"}``) has no position to resume from: it is read
 whole every run, and every record goes on to the batch, where the ones already
 stored count as duplicates. Nothing is skipped for its timestamp.
@@ -24,6 +28,8 @@ import csv
 import hashlib
 import json
 import math
+import os
+import time
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,6 +42,10 @@ from pipelines.records import Chunk, RawRecord, make_record
 from pipelines.sources.stored import StoredLookup, mark_stored
 
 HEAD_BYTES = 4096
+#: How long a file must have been left unchanged for a last line without its
+#: newline to count as complete; a writer flushing a long append in pieces
+#: leaves such a line for microseconds, an export without a final newline for good.
+SETTLE_SECONDS = 0.5
 # Large enough for the 1 MB fields real exports contain, small enough to bound memory.
 CSV_FIELD_LIMIT = 16 * 1024 * 1024
 
@@ -51,6 +61,27 @@ def _decode_line(raw: bytes) -> str:
     except UnicodeDecodeError:
         # Legacy exports: Latin-1 maps every byte, so nothing received is lost.
         return raw.decode("latin-1")
+
+
+def _settled(handle: BinaryIO) -> bool:
+    """Whether the file has been left unchanged for ``SETTLE_SECONDS`` (waiting
+    for the rest of that time when it changed more recently)."""
+    before = os.fstat(handle.fileno())
+    wait = before.st_mtime + SETTLE_SECONDS - time.time()
+    if wait <= 0:
+        return True
+    time.sleep(wait)
+    after = os.fstat(handle.fileno())
+    return (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def _lines(handle: BinaryIO) -> Iterator[bytes]:
+    """The file's lines from where ``handle`` stands; a last line without its
+    newline only when the file has settled (it is being written otherwise)."""
+    for raw in handle:
+        if not raw.endswith(b"\n") and not _settled(handle):
+            return
+        yield raw
 
 
 def _head_signature(handle: BinaryIO, length: int) -> str:
@@ -92,7 +123,7 @@ class _LineFeeder:
         self.strip_bom = offset == 0
 
     def __iter__(self) -> Iterator[str]:
-        for raw in self.handle:
+        for raw in _lines(self.handle):
             self.consumed += len(raw)
             if self.strip_bom:
                 self.strip_bom = False
@@ -165,7 +196,7 @@ def _jsonl_chunks(path: Path, cursor: Mapping[str, Any] | None, batch_size: int)
         handle.seek(offset)
         consumed = offset
         records: list[RawRecord] = []
-        for raw in handle:
+        for raw in _lines(handle):
             consumed += len(raw)
             line = raw.strip()
             if consumed - len(raw) == 0 and line.startswith(b"\xef\xbb\xbf"):

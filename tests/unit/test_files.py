@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import pytest
 from config.errors import SourceError
 from config.sources import FieldMapping, SourceConfig
 from pipelines.records import Chunk
+from pipelines.sources import files
 from pipelines.sources.files import read_csv, read_json
 from tests.helpers import csv_bytes, csv_rows, row_end_offsets
 
@@ -146,6 +150,61 @@ async def test_csv_resumed_keys_match_the_first_read(tmp_path: Path) -> None:
         == [payloads(chunks)[1]]
         == [{"name": "B", "value": "2", "updated_at": "2026-01-02"}]
     )
+
+
+def _append_soon(path: Path, data: bytes) -> threading.Timer:
+    """A writer that sends the rest of its line while the reader is at it."""
+
+    def append() -> None:
+        with path.open("ab") as handle:
+            handle.write(data)
+
+    timer = threading.Timer(files.SETTLE_SECONDS / 3, append)
+    timer.start()
+    return timer
+
+
+async def test_a_line_still_being_appended_waits_for_a_later_read(tmp_path: Path) -> None:
+    # A writer's append arrives in pieces: the reader must not take half a line
+    # for a record, nor move its offset past it.
+    path = tmp_path / "growing.csv"
+    head = b"name,value,updated_at\ncoin a,1.5,2025-01-01T00:00:00Z\n"
+    path.write_bytes(head + b"coin b,2.")
+    writer = _append_soon(path, b"5,2025-01-01T00:00:01Z\n")
+
+    first = await read_all_csv(path)
+    writer.join()
+
+    assert [p["name"] for p in payloads(first)] == ["coin a"]
+    assert first[-1].cursor["offset"] == len(head)
+    second = await read_all_csv(path, cursor=first[-1].cursor)
+    assert payloads(second) == [
+        {"name": "coin b", "value": "2.5", "updated_at": "2025-01-01T00:00:01Z"}
+    ]
+
+
+async def test_a_settled_file_without_a_final_newline_is_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    path.write_bytes(b"name,value,updated_at\ncoin a,1.5,2025-01-01T00:00:00Z")
+    os.utime(path, (time.time() - 60, time.time() - 60))
+
+    chunks = await read_all_csv(path)
+
+    assert [p["name"] for p in payloads(chunks)] == ["coin a"]
+    assert chunks[-1].cursor["offset"] == path.stat().st_size
+
+
+async def test_a_json_line_still_being_appended_waits_for_a_later_read(tmp_path: Path) -> None:
+    path = tmp_path / "growing.jsonl"
+    path.write_bytes(b'{"name": "a", "current_price": 1}\n{"name": "b", "curr')
+    writer = _append_soon(path, b'ent_price": 2}\n')
+
+    first = await read_all_json(path)
+    writer.join()
+
+    assert payloads(first) == [{"name": "a", "current_price": 1}]
+    second = await read_all_json(path, cursor=first[-1].cursor)
+    assert payloads(second) == [{"name": "b", "current_price": 2}]
 
 
 async def test_csv_missing_file_fails_the_source(tmp_path: Path) -> None:
