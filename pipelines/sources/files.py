@@ -70,7 +70,8 @@ def _settled(handle: BinaryIO) -> bool:
     wait = before.st_mtime + SETTLE_SECONDS - time.time()
     if wait <= 0:
         return True
-    time.sleep(wait)
+    # Capped: a modification time in the future (a skewed clock) must not stall a read.
+    time.sleep(min(wait, SETTLE_SECONDS))
     after = os.fstat(handle.fileno())
     return (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
 

@@ -271,11 +271,7 @@ async def test_changes_needs_the_key_and_refuses_bad_parameters(client: Client) 
 async def test_a_page_of_changes_reads_its_rows_by_index_not_the_whole_table(
     pool: asyncpg.Pool[Any],
 ) -> None:
-    await pool.execute(
-        "INSERT INTO unified_data (name, value, source, observed_at, ingested_at, priority,"
-        " raw_id, run_id) SELECT 'coin ' || n, n, 'csv', now(), now(), 0, n, gen_random_uuid()"
-        " FROM generate_series(1, 20000) AS n"
-    )
+    await _add_rows(pool, 20_000)
     await pool.execute("UPDATE unified_data SET value = value + 1 WHERE value <= 10000")
     await pool.execute("ANALYZE unified_data")
     after = await pool.fetchval("SELECT min(seq) + 5000 FROM unified_data")
@@ -297,11 +293,7 @@ async def test_a_page_of_changes_is_planned_once_not_at_every_request(
     # A consumer asks every second: the server must reuse the statement's plan
     # instead of planning each page again (with a bound LIMIT it planned every
     # page once the table held about 100k rows).
-    await pool.execute(
-        "INSERT INTO unified_data (name, value, source, observed_at, ingested_at, priority,"
-        " raw_id, run_id) SELECT 'coin ' || n, n, 'csv', now(), now(), 0, n, gen_random_uuid()"
-        " FROM generate_series(1, 100000) AS n"
-    )
+    await _add_rows(pool, 100_000)
     await pool.execute("ANALYZE unified_data")
     first = await pool.fetchval("SELECT min(seq) FROM unified_data")
     async with pool.acquire() as conn:
@@ -318,6 +310,15 @@ async def test_a_page_of_changes_is_planned_once_not_at_every_request(
             await conn.execute("DEALLOCATE feed_page")
     assert plans is not None
     assert plans["generic_plans"] >= 6, dict(plans)
+
+
+async def _add_rows(pool: asyncpg.Pool[Any], count: int) -> None:
+    await pool.execute(
+        "INSERT INTO unified_data (name, value, source, observed_at, ingested_at, priority,"
+        " raw_id, run_id) SELECT 'coin ' || n, n, 'csv', now(), now(), 0, n, gen_random_uuid()"
+        " FROM generate_series(1, $1) AS n",
+        count,
+    )
 
 
 def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -303,3 +303,15 @@ async def test_json_that_cannot_be_records_fails_the_source(
     path.write_text(text, encoding="utf-8")
     with pytest.raises(SourceError, match=needle):
         await read_all_json(path)
+
+
+async def test_a_modification_time_in_the_future_does_not_stall_the_read(tmp_path: Path) -> None:
+    path = tmp_path / "skewed.csv"
+    path.write_bytes(b"name,value,updated_at\ncoin a,1.5,2025-01-01T00:00:00Z")
+    os.utime(path, (time.time() + 3600, time.time() + 3600))
+    started = time.monotonic()
+
+    chunks = await read_all_csv(path)
+
+    assert time.monotonic() - started < 10 * files.SETTLE_SECONDS
+    assert [p["name"] for p in payloads(chunks)] == ["coin a"]
