@@ -689,5 +689,78 @@ CREATE INDEX ix_unified_links_names_seen ON unified_links USING gin (names_seen)
 
 UPDATE alembic_version SET version_num='0009' WHERE alembic_version.version_num = '0008';
 
+-- Running upgrade 0009 -> 0010
+
+CREATE TABLE unified_feed (seq bigint NOT NULL, name text COLLATE "C" NOT NULL, CONSTRAINT pk_unified_feed PRIMARY KEY (seq));
+
+INSERT INTO unified_feed (seq, name) SELECT seq, name FROM unified_data;
+
+CREATE TABLE unified_feed_pruned (singleton boolean DEFAULT true NOT NULL, upto bigint NOT NULL, CONSTRAINT pk_unified_feed_pruned PRIMARY KEY (singleton), CONSTRAINT ck_unified_feed_pruned_singleton CHECK (singleton));
+
+INSERT INTO unified_feed_pruned (upto) SELECT coalesce(max(seq), 0) FROM unified_feed;
+
+CREATE OR REPLACE FUNCTION unified_feed_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    lo bigint;
+    hi bigint;
+BEGIN
+    -- A name that comes back is no longer removed (checked only while tombstones exist).
+    IF EXISTS (SELECT FROM unified_removals) THEN
+        DELETE FROM unified_removals r USING new_rows n WHERE r.name = n.name;
+    END IF;
+    INSERT INTO unified_feed (seq, name) SELECT seq, name FROM new_rows;
+    SELECT min(seq), max(seq) INTO lo, hi FROM new_rows;
+    IF hi IS NOT NULL THEN
+        PERFORM pg_notify('kasparro_events', json_build_object(
+            'event', 'unified_changed', 'after', lo - 1, 'seq', hi)::text);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION unified_feed_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    lo bigint;
+    hi bigint;
+BEGIN
+    INSERT INTO unified_feed (seq, name) SELECT seq, name FROM new_rows;
+    SELECT min(seq) INTO lo FROM new_rows;
+    IF lo IS NOT NULL THEN
+        -- The statement's last number, a rename's tombstone included.
+        hi := currval('unified_change_seq');
+    END IF;
+    IF hi IS NOT NULL THEN
+        PERFORM pg_notify('kasparro_events', json_build_object(
+            'event', 'unified_changed', 'after', lo - 1, 'seq', hi)::text);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION unified_feed_log_truncating() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- Every row leaves (its tombstone is numbered by unified_feed_truncating).
+    TRUNCATE unified_feed;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER unified_feed_log_truncate BEFORE TRUNCATE ON unified_data FOR EACH STATEMENT EXECUTE FUNCTION unified_feed_log_truncating();
+
+DROP INDEX ix_unified_data_seq;
+
+ALTER TABLE unified_data SET (fillfactor = 90);
+
+ALTER TABLE raw_api_data ADD CONSTRAINT uq_raw_api_data_content_hash_source UNIQUE (content_hash, source);
+
+ALTER TABLE raw_api_data DROP CONSTRAINT uq_raw_api_data_source_content_hash;
+
+ALTER TABLE raw_csv_data ADD CONSTRAINT uq_raw_csv_data_content_hash_source UNIQUE (content_hash, source);
+
+ALTER TABLE raw_csv_data DROP CONSTRAINT uq_raw_csv_data_source_content_hash;
+
+ALTER TABLE raw_third_source_data ADD CONSTRAINT uq_raw_third_source_data_content_hash_source UNIQUE (content_hash, source);
+
+ALTER TABLE raw_third_source_data DROP CONSTRAINT uq_raw_third_source_data_source_content_hash;
+
+UPDATE alembic_version SET version_num='0010' WHERE alembic_version.version_num = '0009';
+
 COMMIT;
 

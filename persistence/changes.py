@@ -1,11 +1,13 @@
 """The change feed's reads: unified rows and tombstones in the order of their number.
 
 Every insert or update of a unified row gives it the next number of
-``unified_change_seq``, and every removal leaves a tombstone numbered the same
-way (migration 0007). Numbers are drawn under a lock held to commit, so the
-changes a reader sees are always every change up to some point: a change that
-commits later carries a larger number than any the reader has seen. Reading
-past ``after`` therefore misses nothing and repeats nothing.
+``unified_change_seq``, logged with the row's name in ``unified_feed``, and
+every removal leaves a tombstone numbered the same way (migrations 0007 and
+0010). Numbers are drawn under a lock held to commit, so the changes a reader
+sees are always every change up to some point: a change that commits later
+carries a larger number than any the reader has seen. Reading past ``after``
+therefore misses nothing and repeats nothing. A log entry whose row has changed
+again since is skipped: the row shows once, under its latest number.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ CHANGE_JSON = f"""'{{"seq":' || seq || ',' || substr(left({ITEM_JSON}, -1), 2)
 REMOVAL_JSON = """'{"seq":' || seq || ',"name":' || to_json(name)::text
     || ',"value":null,"source":null,"observed_at":null,"ingested_at":null,"deleted":true}'"""
 
-# Each branch is one range scan of its seq index; the page is the first
-# _LIMIT_ of both. Floats render in their shortest exact form (SHORTEST_FLOATS,
-# as for /data). The limit is written into the statement rather than bound: for
+# Each branch is one range scan of a seq index (the log's entries each look
+# their row up by name, a stale one finding none); the page is the first _LIMIT_
+# of both. Floats render in their shortest exact form (SHORTEST_FLOATS, as for
+# /data). The limit is written into the statement rather than bound: for
 # ``LIMIT $2`` a generic plan assumes a tenth of the table is read, so the server
 # planned every request anew (a third of its CPU per page, 100 consumers polling).
 CHANGES_PAGE = f"""
@@ -41,9 +44,16 @@ SELECT '[' || coalesce(string_agg(c.item, ',' ORDER BY c.seq), '') || ']' AS ite
 FROM {SHORTEST_FLOATS}
 CROSS JOIN LATERAL (
     SELECT seq, item FROM (
-        (SELECT seq, {CHANGE_JSON} AS item
-         FROM unified_data WHERE seq > $1 AND floats.digits IS NOT NULL
-         ORDER BY seq LIMIT _LIMIT_)
+        (SELECT f.seq, row.item
+         FROM unified_feed f
+         CROSS JOIN LATERAL (
+             -- OFFSET 0 keeps this a look-up per entry, never a join of both tables.
+             SELECT {CHANGE_JSON} AS item FROM unified_data
+             WHERE name = f.name AND seq = f.seq AND floats.digits IS NOT NULL
+             OFFSET 0
+         ) AS row
+         WHERE f.seq > $1
+         ORDER BY f.seq LIMIT _LIMIT_)
         UNION ALL
         (SELECT seq, {REMOVAL_JSON} AS item
          FROM unified_removals WHERE seq > $1 ORDER BY seq LIMIT _LIMIT_)
@@ -86,7 +96,7 @@ async def changes_page(db: Executor, *, after: int, limit: int) -> ChangePage:
 
 LATEST_SEQ = """
 SELECT greatest(
-    (SELECT max(seq) FROM unified_data), (SELECT max(seq) FROM unified_removals), 0)
+    (SELECT max(seq) FROM unified_feed), (SELECT max(seq) FROM unified_removals), 0)
 """
 
 
@@ -94,3 +104,35 @@ async def latest_seq(db: Executor) -> int:
     """The largest number of any change visible now (0 when there is none)."""
     value: int = await db.fetchval(LATEST_SEQ, timeout=READ_TIMEOUT_SECONDS)
     return int(value)
+
+
+# Stale entries go once twice as many numbers as the table has rows (at least
+# PRUNE_MIN_CHANGES) were drawn since the last pass: the log then holds at most
+# about three entries per row, and a pass costs about two entry visits per
+# change however often runs finish. The singleton's row lock lets one pass run
+# at a time. An entry is stale when its row holds a newer number, or none
+# (removed: its tombstone carries the newer number).
+PRUNE_MIN_CHANGES = 10_000
+
+PRUNE_FEED = f"""
+WITH pass AS (
+    UPDATE unified_feed_pruned SET upto = (SELECT last_value FROM unified_change_seq)
+    WHERE (SELECT last_value FROM unified_change_seq) - upto > greatest(
+        2 * (SELECT coalesce(sum(rows), 0) FROM unified_counts), {PRUNE_MIN_CHANGES})
+    RETURNING upto
+),
+gone AS (
+    DELETE FROM unified_feed f USING pass
+    WHERE f.seq <= pass.upto
+        AND NOT EXISTS (SELECT FROM unified_data u WHERE u.name = f.name AND u.seq = f.seq)
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
+
+async def prune_feed(db: Executor) -> int:
+    """Delete stale entries of the feed's log when enough have accumulated;
+    returns how many went."""
+    gone: int = await db.fetchval(PRUNE_FEED)
+    return int(gone)

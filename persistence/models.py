@@ -66,17 +66,17 @@ class _RawColumns:
 
 class RawApiData(_RawColumns, Base):
     __tablename__ = "raw_api_data"
-    __table_args__ = (UniqueConstraint("source", "content_hash"),)
+    __table_args__ = (UniqueConstraint("content_hash", "source"),)
 
 
 class RawCsvData(_RawColumns, Base):
     __tablename__ = "raw_csv_data"
-    __table_args__ = (UniqueConstraint("source", "content_hash"),)
+    __table_args__ = (UniqueConstraint("content_hash", "source"),)
 
 
 class RawThirdSourceData(_RawColumns, Base):
     __tablename__ = "raw_third_source_data"
-    __table_args__ = (UniqueConstraint("source", "content_hash"),)
+    __table_args__ = (UniqueConstraint("content_hash", "source"),)
 
 
 class UnifiedData(Base):
@@ -100,10 +100,32 @@ class UnifiedData(Base):
         DateTime(timezone=True), server_default=text("now()")
     )
     # The row's latest change in the feed, set by a trigger (migration 0007);
-    # numbers follow commit order.
+    # numbers follow commit order. Not indexed, so updates can be HOT: the feed
+    # is read through ``unified_feed`` (migration 0010).
     seq: Mapped[int] = mapped_column(BigInteger)
 
-    __table_args__ = (Index(None, "source", "name"), Index(None, "seq"))
+    __table_args__ = (Index(None, "source", "name"), {"postgresql_with": {"fillfactor": 90}})
+
+
+class UnifiedFeed(Base):
+    """The change feed's log: every number drawn for a change of ``unified_data``
+    with the row's name, written by the same triggers (migration 0010). An entry
+    whose number is no longer its row's is stale: skipped, and deleted later."""
+
+    __tablename__ = "unified_feed"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(Text(collation="C"))
+
+
+class UnifiedFeedPruned(Base):
+    """One row: the last number drawn when stale feed entries were last deleted."""
+
+    __tablename__ = "unified_feed_pruned"
+    __table_args__ = (CheckConstraint("singleton", name="singleton"),)
+
+    singleton: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=true())
+    upto: Mapped[int] = mapped_column(BigInteger)
 
 
 class UnifiedRemoval(Base):

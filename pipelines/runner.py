@@ -27,7 +27,7 @@ import structlog
 from config.errors import InjectedFailure, RunRecordError, SourceError
 from config.settings import Settings
 from config.sources import SourceConfig, id_sources, load_sources
-from persistence import batches, raw, runs
+from persistence import batches, changes, raw, runs
 from persistence.batches import BatchCounts
 from persistence.runs import Run
 from persistence.types import Conn
@@ -49,6 +49,8 @@ SKIPPED = "skipped"
 """The status of a run that could take no source: nothing of it is recorded."""
 CLEANUP_SECONDS = 10.0
 """Bound of each bookkeeping step (open, close, release) on a slow or full pool."""
+PRUNE_SECONDS = 300.0
+"""Bound of a pass over the change feed's log (about 1.5 s per million entries here)."""
 LEASE_OWNER = f"{socket.gethostname()}:{os.getpid()}"
 """Who holds a lease, as ``etl_leases.owner`` shows it to operators."""
 
@@ -222,6 +224,7 @@ class Runner:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+        await self._prune_feed(log_)
         run = await runs.get_run(self.pool, run_id)
         assert run is not None
         log_.info(
@@ -326,6 +329,18 @@ class Runner:
             f"({_one_line(last) if last else 'unknown'}); it is closed as interrupted "
             "once its leases expire"
         )
+
+    async def _prune_feed(self, log_: Any) -> None:
+        """Delete the change feed's stale entries when enough have gathered; a
+        failure leaves them to a later run (readers skip them meanwhile)."""
+        try:
+            async with asyncio.timeout(PRUNE_SECONDS):
+                gone = await changes.prune_feed(self.pool)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            log_.warning("feed_prune_failed", error=_one_line(exc))
+            return
+        if gone:
+            log_.info("feed_pruned", entries=gone)
 
     @staticmethod
     async def _write_end(

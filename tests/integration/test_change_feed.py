@@ -312,6 +312,60 @@ async def test_a_page_of_changes_is_planned_once_not_at_every_request(
     assert plans["generic_plans"] >= 6, dict(plans)
 
 
+async def test_an_update_of_a_row_touches_no_index_so_it_can_stay_on_its_page(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    # The feed's numbers are indexed in a log of their own, so a row whose
+    # indexed columns (name, source) stay can be updated in place (HOT); with
+    # an index on unified_data.seq no update could be.
+    await _add_rows(pool, 2_000)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("UPDATE unified_data SET value = value + 1")
+        hot = await conn.fetchval(
+            "SELECT pg_stat_get_xact_tuples_hot_updated('unified_data'::regclass)"
+        )
+    assert hot >= 100, hot
+
+
+async def test_stale_entries_of_the_log_go_and_consumers_before_and_after_miss_nothing(
+    client: Client, pool: asyncpg.Pool[Any]
+) -> None:
+    await _add_rows(pool, 6_000)
+    early = Consumer(client)
+    assert len(await early.poll()) == 6_000
+    await pool.execute("UPDATE unified_data SET value = value + 1 WHERE raw_id <= 3000")
+    half = Consumer(client)
+    await half.poll()
+    for _ in range(3):
+        await pool.execute("UPDATE unified_data SET value = value + 1")
+    # 6,000 + 3,000 + 18,000 entries, of which one per row is current: more than
+    # twice the table's rows changed since the last pass, so this pass prunes.
+    assert await changes.prune_feed(pool) == 27_000 - 6_000
+    assert await pool.fetchval("SELECT count(*) FROM unified_feed") == 6_000
+    assert await changes.prune_feed(pool) == 0
+    current = await table(pool)
+    for consumer in (early, half, Consumer(client)):
+        got = await consumer.poll()
+        assert len(got) == 6_000 == len({i["name"] for i in got})
+        assert consumer.rows == current
+    await pool.execute("UPDATE unified_data SET value = value + 1 WHERE raw_id <= 10")
+    assert await changes.prune_feed(pool) == 0  # too few changes since: kept for later
+    assert len(await early.poll()) == 10
+
+
+async def test_a_run_prunes_the_log_once_enough_changes_gathered(
+    pool: asyncpg.Pool[Any], settings: Settings
+) -> None:
+    await _add_rows(pool, 5_000)
+    for _ in range(2):
+        await pool.execute("UPDATE unified_data SET value = value + 1")
+    assert await pool.fetchval("SELECT count(*) FROM unified_feed") == 15_000
+    run = await run_etl(pool, settings)
+    assert run["sources"]["csv"]["unified_upserted"] > 0
+    rows = await pool.fetchval("SELECT count(*) FROM unified_data")
+    assert await pool.fetchval("SELECT count(*) FROM unified_feed") == rows
+
+
 async def _add_rows(pool: asyncpg.Pool[Any], count: int) -> None:
     await pool.execute(
         "INSERT INTO unified_data (name, value, source, observed_at, ingested_at, priority,"
