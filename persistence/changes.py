@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
 
 from persistence.reads import ITEM_JSON, READ_TIMEOUT_SECONDS, SHORTEST_FLOATS
 
@@ -114,25 +116,28 @@ async def latest_seq(db: Executor) -> int:
 # (removed: its tombstone carries the newer number).
 PRUNE_MIN_CHANGES = 10_000
 
-PRUNE_FEED = f"""
-WITH pass AS (
-    UPDATE unified_feed_pruned SET upto = (SELECT last_value FROM unified_change_seq)
-    WHERE (SELECT last_value FROM unified_change_seq) - upto > greatest(
-        2 * (SELECT coalesce(sum(rows), 0) FROM unified_counts), {PRUNE_MIN_CHANGES})
-    RETURNING upto
-),
-gone AS (
-    DELETE FROM unified_feed f USING pass
-    WHERE f.seq <= pass.upto
-        AND NOT EXISTS (SELECT FROM unified_data u WHERE u.name = f.name AND u.seq = f.seq)
-    RETURNING 1
-)
-SELECT count(*) FROM gone
+START_PRUNE = f"""
+UPDATE unified_feed_pruned SET upto = (SELECT last_value FROM unified_change_seq)
+WHERE (SELECT last_value FROM unified_change_seq) - upto > greatest(
+    2 * (SELECT coalesce(sum(rows), 0) FROM unified_counts), {PRUNE_MIN_CHANGES})
+RETURNING upto
+"""
+
+PRUNE_FEED = """
+DELETE FROM unified_feed f
+WHERE f.seq <= $1
+    AND NOT EXISTS (SELECT FROM unified_data u WHERE u.name = f.name AND u.seq = f.seq)
 """
 
 
-async def prune_feed(db: Executor) -> int:
+async def prune_feed(pool: asyncpg.Pool[Any]) -> int:
     """Delete stale entries of the feed's log when enough have accumulated;
     returns how many went."""
-    gone: int = await db.fetchval(PRUNE_FEED)
-    return int(gone)
+    async with pool.acquire() as conn, conn.transaction():
+        # Two statements: in one, the server could read the whole log even
+        # when there is nothing to do.
+        upto = await conn.fetchval(START_PRUNE)
+        if upto is None:
+            return 0
+        status: str = await conn.execute(PRUNE_FEED, upto)
+    return int(status.split()[-1])
